@@ -1,0 +1,37 @@
+"""Everything that touches megatron-core (and later DeepSpeed) lives in this package.
+
+pretrain/ uses only the names below. They are resolved lazily so that importing
+`parallel.topology` (config validation) does not pay megatron-core's import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "parallel.topology",
+    "LaunchEnv": "parallel.topology",
+    "Topology": "parallel.topology",
+    "init_distributed": "parallel.topology",
+    "shutdown_distributed": "parallel.topology",
+    "padded_vocab_size": "parallel.topology",
+    "ModelDims": "parallel.dims",
+    "build_model": "parallel.model",
+    "Engine": "parallel.engine",
+    "OptimizerSettings": "parallel.engine",
+    "build_engine": "parallel.engine",
+    "save_checkpoint": "parallel.checkpoint",
+    "load_checkpoint": "parallel.checkpoint",
+    "latest_checkpoint": "parallel.checkpoint",
+    "prune_checkpoints": "parallel.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'parallel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,294 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, YAML
+presets in `conf/` (groups model/ data/ parallel/ optim/ cluster/ experiment/),
+and `derive()`, the one place where values that follow from others are computed.
+
+Configs are composed with Hydra's compose API rather than `@hydra.main`, so that
+under torchrun every rank resolves the same config without racing on a
+timestamped output directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from parallel.dims import ModelDims, count_parameters
+from parallel.topology import ConfigError, padded_vocab_size
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # grouped-query attention; = num_attention_heads for MHA
+    ffn_hidden_size: int = 176
+    max_seq_len: int = 64
+    vocab_size: Optional[int] = None  # None: the tokenizer's
+    make_vocab_size_divisible_by: int = 128
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: str = "bidirectional"  # bidirectional | causal (to check an imported AR model)
+    spec: str = "auto"  # auto (Transformer Engine if importable) | local | te
+    recompute: str = "none"  # none | selective | full
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    source: str = "stdlib"  # stdlib (this Python's standard library) | text (data.paths)
+    paths: list[str] = field(default_factory=list)
+    seq_len: int = 64
+    max_bytes: Optional[int] = None  # read at most this many bytes of the corpus
+    eval_fraction: float = 0.01
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # derived: world_size / (tp * pp)
+    distributed_optimizer: bool = True  # ZeRO-1: Adam states sharded over dp ranks
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: share of train.steps spent decaying
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    # Peak dense FLOP/s per device for MFU, in TFLOP/s. None: measured fp32 matmul on
+    # CPU; the bf16 datasheet value on known GPUs.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    t_sampling: str = "uniform"  # uniform (LLaDA) | stratified (MDLM antithetic)
+    eps: float = 1e-3
+    weighting: str = "elbo"  # elbo (1/t) | uniform
+    normalization: str = "tokens"  # tokens (B*L, LLaDA) | masked (number of masked tokens)
+    logits: str = "masked"  # masked: output projection at masked positions only | all
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    eval_every: int = 0  # 0: never
+    eval_batches: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 3  # newest complete checkpoints kept; 0 keeps all
+    init_from: Optional[str] = None  # weights of this checkpoint when run.dir has none
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}-${data.name}"
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    project: str = "dlm-pretrain"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+CHOICES = {
+    "model.attention": ("bidirectional", "causal"),
+    "model.spec": ("auto", "local", "te"),
+    "model.recompute": ("none", "selective", "full"),
+    "data.source": ("stdlib", "text"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "objective.t_sampling": ("uniform", "stratified"),
+    "objective.weighting": ("elbo", "uniform"),
+    "objective.normalization": ("tokens", "masked"),
+    "objective.logits": ("masked", "all"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+}
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    """Compose conf/<config_name>.yaml with command-line style overrides into a typed,
+    validated Config. Raises ConfigError naming the key on bad values."""
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        node = compose(config_name=config_name, overrides=list(overrides or []))
+    cfg: Config = OmegaConf.to_object(node)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers,
+        "model.num_attention_heads": m.num_attention_heads,
+        "model.num_query_groups": m.num_query_groups,
+        "data.seq_len": cfg.data.seq_len,
+        "train.steps": t.steps,
+        "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} does not divide "
+            f"model.hidden_size={m.hidden_size}"
+        )
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_query_groups={m.num_query_groups} does not divide "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 < cfg.objective.eps < 1:
+        raise ConfigError(f"objective.eps={cfg.objective.eps} must be in (0, 1)")
+    if cfg.optim.schedule == "wsd" and not 0 < cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from the config and the launch; logged and saved."""
+
+    world_size: int
+    dp: int
+    vocab_size: int
+    padded_vocab_size: int
+    mask_id: int
+    samples_per_dp_rank: int  # per step
+    num_microbatches: int  # per step and dp rank
+    tokens_per_step: int
+    params: dict
+    flops_per_token: float  # model FLOPs (fwd + bwd) per trained token, excluding the output layer
+    flops_per_scored_token: float  # output layer FLOPs per scored (masked) position
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int) -> Derived:
+    """Compute derived values and check the ones that can be wrong (naming the keys)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if m.vocab_size is not None and m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    vocab = m.vocab_size or vocab_size
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by)
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(
+            f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}"
+        )
+    dp = world_size // (p.tp * p.pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
+        )
+    params = count_parameters(model_dims(cfg, padded))
+    L, h_attn = cfg.data.seq_len, m.hidden_size
+    # 6 FLOPs per parameter per token (fwd+bwd) for the transformer layers, plus the
+    # attention scores and values: 2 matmuls x 2 FLOPs x L x h per layer, forward,
+    # times 3 for fwd+bwd, over the FULL L x L square (bidirectional: nothing skipped).
+    flops_per_token = 6 * params["layers"] + 12 * m.num_layers * L * h_attn
+    return Derived(
+        world_size=world_size,
+        dp=dp,
+        vocab_size=vocab,
+        padded_vocab_size=padded,
+        mask_id=mask_id,
+        samples_per_dp_rank=t.global_batch_size // dp,
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+        tokens_per_step=t.global_batch_size * cfg.data.seq_len,
+        params=params,
+        flops_per_token=float(flops_per_token),
+        flops_per_scored_token=float(6 * m.hidden_size * padded),
+    )
+
+
+def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:
+    m = cfg.model
+    return ModelDims(
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        padded_vocab_size=padded_vocab,
+        max_seq_len=m.max_seq_len,
+        rope_base=m.rope_base,
+        norm_eps=m.norm_eps,
+        qkv_bias=m.qkv_bias,
+        tie_embeddings=m.tie_embeddings,
+        init_std=m.init_std,
+        causal=m.attention == "causal",
+        spec=m.spec,
+        recompute=m.recompute,
+    )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

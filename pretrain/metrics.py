@@ -1,0 +1,144 @@
+"""Step metrics: `<run.dir>/metrics.jsonl`, a console progress bar, and wandb.
+
+Only global rank 0 writes. wandb runs offline unless an API key is configured
+(`logging.wandb=auto`), so nothing leaves the machine by default; `wandb sync
+<run.dir>/wandb/offline-run-*` uploads later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def measure_peak_flops(seconds: float = 0.5, n: int = 1024) -> float:
+    """Dense fp32 matmul FLOP/s this process reaches on the CPU (the MFU baseline)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+# Dense bf16 datasheet peaks per GPU (no sparsity), TFLOP/s.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_flops_per_device(configured_tflops: float | None) -> tuple[float, str]:
+    if configured_tflops:
+        return configured_tflops * 1e12, "cluster.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"datasheet bf16 peak of {name}"
+        raise ValueError(f"unknown GPU {name!r}: set cluster.peak_tflops for MFU")
+    return measure_peak_flops(), "measured fp32 matmul on this CPU"
+
+
+def wandb_mode(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
+    return "online" if has_key else "offline"
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        start_step: int,
+        total_steps: int,
+        log_every: int,
+        progress: bool,
+        wandb_setting: str,
+        project: str,
+        config: dict,
+    ):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a")
+        self.log_every = max(1, log_every)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self.wandb = self._init_wandb(Path(run_dir), wandb_setting, project, config)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be redone)."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    @staticmethod
+    def _init_wandb(run_dir: Path, setting: str, project: str, config: dict):
+        mode = wandb_mode(setting)
+        if mode == "disabled":
+            return None
+        import wandb
+
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(
+            project=project,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if "loss" in record:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if record["step"] % self.log_every == 0 or record["step"] == self.bar.total:
+                self.write(format_record(record))
+        else:
+            self.write(format_record(record))
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_record(r: dict) -> str:
+    if "loss" not in r:
+        return "  ".join(f"{k}={_fmt(v)}" for k, v in r.items())
+    return (
+        f"step {r['step']:>6}  loss {r['loss']:.4f}  acc {r['masked_acc']:.3f}  "
+        f"grad_norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  {r['tokens_per_s']:.0f} tok/s  "
+        f"MFU {100 * r['mfu']:.2f}%"
+    )
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,141 @@
+"""The masked-diffusion objective as pure functions (no config, no communication).
+
+Forward process (LLaDA, MDLM): a sample x0 gets a masking level t in [eps, 1] and
+each token is replaced by MASK independently with probability t. The model sees
+x_t and predicts x0 at the masked positions; the loss is
+
+    sum_{i masked} w(t) * CE_i / N
+
+with w(t) = 1/t ('elbo', the ELBO weight of the log-linear schedule) or 1
+('uniform'), and N = number of tokens B*L ('tokens', LLaDA) or number of masked
+tokens ('masked'). `diffusion_loss` returns the sum and N separately so that the
+trainer can normalise over the whole global batch.
+
+Noise is a function of (seed, global sample index) only: each sample gets its own
+counter-based generator, so every tensor/pipeline rank and every layout draws
+the same t and the same mask for the same sample.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+T_SAMPLING = ("uniform", "stratified")
+WEIGHTINGS = ("elbo", "uniform")
+NORMALIZATIONS = ("tokens", "masked")
+
+_STREAM_T = 0x7A11
+_STREAM_MASK = 0x3A5C
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over each part)."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _uniform(seed: int, stream: int, index: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(mix_seed(seed, stream, index))
+    return torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def sample_t(
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    method: str = "uniform",
+    eps: float = 1e-3,
+    global_batch_size: int | None = None,
+) -> torch.Tensor:
+    """Masking level t in [eps, 1] for each global sample index ([b] -> [b] float32).
+
+    'uniform': t = eps + (1 - eps) u with u ~ U(0, 1) per sample (LLaDA).
+    'stratified': antithetic over the global batch (MDLM): sample k of global batch s
+    gets u = (u_s + k / B) mod 1, one u_s per batch, so each global batch covers
+    [0, 1) evenly.
+    """
+    if method not in T_SAMPLING:
+        raise ValueError(f"t sampling {method!r} is not one of {T_SAMPLING}")
+    idx = [int(i) for i in indices.tolist()]
+    if method == "uniform":
+        u = torch.cat([_uniform(seed, _STREAM_T, i, 1) for i in idx])
+    else:
+        if not global_batch_size:
+            raise ValueError("stratified t sampling needs global_batch_size")
+        B = global_batch_size
+        u = torch.stack(
+            [(_uniform(seed, _STREAM_T, i // B, 1)[0] + (i % B) / B) % 1.0 for i in idx]
+        )
+    return (eps + (1.0 - eps) * u).float()
+
+
+def mask_tokens(
+    tokens: torch.Tensor,
+    t: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    mask_id: int,
+    maskable: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each token of sample b independently with probability t[b].
+
+    tokens [B, L] int, t [B], indices [B] global sample indices. `maskable` [B, L]
+    bool excludes positions (e.g. padding, a prompt). Returns (x_t, is_masked)."""
+    B, L = tokens.shape
+    u = torch.stack([_uniform(seed, _STREAM_MASK, int(i), L) for i in indices.tolist()])
+    is_masked = u.to(tokens.device) < t.to(torch.float64).to(tokens.device)[:, None]
+    if maskable is not None:
+        is_masked &= maskable
+    noisy = torch.where(is_masked, torch.full_like(tokens, mask_id), tokens)
+    return noisy, is_masked
+
+
+def diffusion_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    is_masked: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    weighting: str = "elbo",
+    normalization: str = "tokens",
+    valid: torch.Tensor | None = None,
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted loss sum, normaliser) for one batch; the loss is sum / normaliser.
+
+    logits: [B, L, V] for every position, or [n, V] / [n, 1, V] for the n masked
+    positions only (in row-major order of `is_masked`). targets, is_masked: [B, L];
+    t: [B]. `valid` [B, L] marks tokens that count (default: all).
+    `cross_entropy(logits [n, V], targets [n]) -> [n]` defaults to torch's; pass a
+    vocab-parallel one for tensor-parallel logits."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {WEIGHTINGS}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r} is not one of {NORMALIZATIONS}")
+    if logits.dim() == 3 and logits.shape[:2] == targets.shape:
+        logits = logits[is_masked]
+    logits = logits.reshape(-1, logits.shape[-1])
+    n = int(is_masked.sum())
+    if logits.shape[0] != n:
+        raise ValueError(f"{logits.shape[0]} logit rows for {n} masked positions")
+    ce_fn = cross_entropy or (lambda lg, tg: F.cross_entropy(lg.float(), tg, reduction="none"))
+    ce = ce_fn(logits, targets[is_masked])
+    if weighting == "elbo":
+        ce = ce / t[:, None].expand_as(targets)[is_masked].to(ce.dtype)
+    loss_sum = ce.sum()
+    if normalization == "masked":
+        count = is_masked.sum()
+    else:
+        count = valid.sum() if valid is not None else torch.tensor(targets.numel())
+    return loss_sum, count.to(torch.int64).reshape(())

@@ -1,0 +1,299 @@
+"""`dlm train` / `python -m pretrain.train`: pretrain a masked diffusion LM.
+
+    dlm train model=tiny train.steps=20 checkpoint.every=10 run.dir=/tmp/r1
+    torchrun --nproc-per-node 2 -m pretrain.train model=tiny parallel.tp=2 run.dir=/tmp/r2
+
+Resumes automatically when run.dir holds a checkpoint. See README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from data.corpus import ByteTokenizer, WindowDataset, load_byte_corpus
+from parallel import (
+    Engine,
+    LaunchEnv,
+    OptimizerSettings,
+    Topology,
+    build_engine,
+    build_model,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    shutdown_distributed,
+)
+from pretrain.config import Config, Derived, derive, load_config, model_dims, to_yaml
+from pretrain.metrics import MetricsLogger, peak_flops_per_device
+from pretrain.objective import diffusion_loss, mask_tokens, sample_t
+from pretrain.schedule import lr_at
+
+EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
+
+
+@dataclass
+class Run:
+    cfg: Config
+    derived: Derived
+    topo: Topology
+    engine: Engine
+    dataset: WindowDataset
+    run_dir: Path
+    step: int = 0
+    consumed_samples: int = 0
+    logger: MetricsLogger | None = None
+    peak_flops: float = 0.0
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.topo.rank == 0
+
+
+# -- the objective, as megatron's forward_step / loss_func pair ----------------------------
+def forward_step(run: Run, seed: int, batch: dict, model):
+    """Noise a microbatch (a function of seed and global sample indices only, so every
+    tensor/pipeline rank draws the same masks) and run this pipeline stage."""
+    obj = run.cfg.objective
+    tokens, index = batch["tokens"].to(run.topo.device), batch["index"]
+    t = sample_t(index, seed=seed, method=obj.t_sampling, eps=obj.eps,
+                 global_batch_size=run.cfg.train.global_batch_size)
+    noisy, is_masked = mask_tokens(tokens, t, index, seed=seed, mask_id=run.derived.mask_id)
+    output = model(noisy, logit_positions=is_masked if obj.logits == "masked" else None)
+    return output, partial(loss_fn, run, tokens, is_masked, t.to(tokens.device))
+
+
+def loss_fn(run: Run, tokens, is_masked, t, output):
+    obj = run.cfg.objective
+    logits = output if obj.logits == "masked" else output.transpose(0, 1)[is_masked]
+    logits = logits.reshape(-1, logits.shape[-1])
+    correct = run.engine.correct(logits, tokens[is_masked]).sum()  # before the in-place CE
+    loss_sum, count = diffusion_loss(logits, tokens, is_masked, t, weighting=obj.weighting,
+                                     normalization=obj.normalization,
+                                     cross_entropy=run.engine.cross_entropy)
+    stats = torch.stack([loss_sum.detach().double(), count.double(), correct.double(),
+                         is_masked.sum().double()])
+    return loss_sum, count, {"stats": stats}
+
+
+# -- one optimizer step ----------------------------------------------------------------------
+def microbatches(run: Run, first_index: int, samples, split: str = "train"):
+    """This data-parallel rank's share of the global batch starting at `first_index`."""
+    d, mbs = run.derived, run.cfg.train.micro_batch_size
+    start = first_index + run.topo.dp_rank * d.samples_per_dp_rank
+    for index in torch.arange(start, start + d.samples_per_dp_rank).split(mbs):
+        yield {"tokens": samples(index), "index": index}
+
+
+def run_schedule(run: Run, first_index: int, samples, seed: int, forward_only: bool):
+    """Forward (and backward) over one global batch; returns global-sum statistics
+    [loss_sum, loss_count, correct, masked]."""
+    reports = run.engine.forward_backward(
+        partial(forward_step, run, seed),
+        microbatches(run, first_index, samples),
+        num_microbatches=run.derived.num_microbatches,
+        seq_len=run.cfg.data.seq_len,
+        micro_batch_size=run.cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+    local = sum((r["stats"] for r in reports), torch.zeros(4, dtype=torch.float64))
+    return run.engine.global_sum(local.to(run.topo.device)).cpu()
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over one global batch."""
+    cfg, d = run.cfg, run.derived
+    step = run.step + 1
+    lr = lr_at(step, cfg.optim, cfg.train.steps)
+    start = time.perf_counter()
+    run.engine.train(True)
+    stats = run_schedule(run, run.consumed_samples, run.dataset.train_samples, cfg.seed, False)
+    applied, grad_norm = run.engine.optimizer_step(lr)
+    elapsed = time.perf_counter() - start
+    run.step, run.consumed_samples = step, run.consumed_samples + cfg.train.global_batch_size
+
+    loss_sum, count, correct, masked = stats.tolist()
+    scored = masked if cfg.objective.logits == "masked" else d.tokens_per_step
+    flops = d.tokens_per_step * d.flops_per_token + scored * d.flops_per_scored_token
+    return {
+        "step": step,
+        "loss": loss_sum / max(count, 1),
+        "masked_acc": correct / max(masked, 1),
+        "masked_frac": masked / d.tokens_per_step,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "update_applied": applied,
+        "tokens": run.consumed_samples * cfg.data.seq_len,
+        "step_time": elapsed,
+        "tokens_per_s": d.tokens_per_step / elapsed,
+        "mfu": flops / elapsed / (run.peak_flops * d.world_size),
+    }
+
+
+def evaluate(run: Run) -> dict:
+    """Loss on held-out windows with fixed noise (the same every evaluation)."""
+    run.engine.train(False)
+    total = torch.zeros(4, dtype=torch.float64)
+    gbs = run.cfg.train.global_batch_size
+    with torch.no_grad():
+        for b in range(run.cfg.train.eval_batches):
+            total += run_schedule(run, b * gbs, run.dataset.eval_samples,
+                                  run.cfg.seed + EVAL_SEED_OFFSET, True)
+    loss_sum, count, correct, masked = total.tolist()
+    return {"step": run.step, "eval_loss": loss_sum / max(count, 1),
+            "eval_masked_acc": correct / max(masked, 1)}
+
+
+# -- set-up, checkpoints, loop -------------------------------------------------------------
+def setup(cfg: Config) -> Run:
+    tokenizer = ByteTokenizer()
+    tokens, corpus = load_byte_corpus(cfg.data.source, cfg.data.paths, cfg.data.max_bytes)
+    dataset = WindowDataset(tokens, cfg.data.seq_len, seed=cfg.seed,
+                            eval_fraction=cfg.data.eval_fraction)
+    launch = LaunchEnv.detect()
+    derived = derive(cfg, launch.world_size, vocab_size=tokenizer.vocab_size,
+                     mask_id=tokenizer.mask_id)
+    dims = model_dims(cfg, derived.padded_vocab_size)
+    topo = init_distributed(
+        tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed,
+        model_dims=dict(num_layers=dims.num_layers, num_attention_heads=dims.num_attention_heads,
+                        num_query_groups=dims.num_query_groups,
+                        ffn_hidden_size=dims.ffn_hidden_size, padded_vocab=dims.padded_vocab_size),
+    )
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    model = build_model(dims, topo, bf16=bf16)
+    o = cfg.optim
+    engine = build_engine(model, topo, OptimizerSettings(
+        weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+        clip_grad=o.clip_grad, distributed=cfg.parallel.distributed_optimizer))
+    run = Run(cfg, derived, topo, engine, dataset, Path(cfg.run.dir))
+    resume(run)
+    run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
+    if run.is_logging_rank:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
+        run.logger = MetricsLogger(
+            run.run_dir, start_step=run.step, total_steps=cfg.train.steps,
+            log_every=cfg.train.log_every, progress=cfg.logging.progress,
+            wandb_setting=cfg.logging.wandb, project=cfg.logging.project,
+            config={"config": asdict(cfg), "derived": derived.as_dict()},
+        )
+        p = derived.params
+        run.logger.write(
+            f"dlm train: {topo.describe()}  model {cfg.model.name} "
+            f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
+            f"data {cfg.data.name}: {corpus.tokens:,} tokens, {dataset.num_train:,} train windows "
+            f"of {cfg.data.seq_len}\n  global batch {cfg.train.global_batch_size} = "
+            f"{derived.num_microbatches} microbatches x {cfg.train.micro_batch_size} x dp "
+            f"{derived.dp}  |  peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})"
+            f"  |  run dir {run.run_dir}"
+        )
+    return run
+
+
+def resume(run: Run) -> None:
+    """Continue from run.dir's latest checkpoint, or start from checkpoint.init_from's
+    weights, or from scratch."""
+    ckpt_cfg = run.cfg.checkpoint
+    latest = latest_checkpoint(run.run_dir / "checkpoints") if ckpt_cfg.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, run.engine)
+        run.step, run.consumed_samples = state["step"], state["consumed_samples"]
+        source = f"resumed from {latest} (step {run.step})"
+    elif ckpt_cfg.init_from:
+        path = resolve_checkpoint(Path(ckpt_cfg.init_from))
+        load_checkpoint(path, run.engine, load_optimizer=False)
+        source = f"initialised from the weights of {path}"
+    else:
+        return
+    if run.is_logging_rank:
+        print(f"dlm train: {source}", flush=True)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from itself, a checkpoints/ directory or a run directory."""
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "state.json").exists():
+            return candidate
+        found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"checkpoint.init_from={path}: no checkpoint there")
+
+
+def save(run: Run, *, include_optimizer: bool = True) -> Path:
+    ckpt_dir = run.run_dir / "checkpoints"
+    path = save_checkpoint(
+        ckpt_dir / f"step_{run.step}",
+        run.engine,
+        state={"step": run.step, "consumed_samples": run.consumed_samples,
+               "derived": run.derived.as_dict()},
+        config_yaml=to_yaml(run.cfg),
+        include_optimizer=include_optimizer,
+    )
+    prune_checkpoints(ckpt_dir, run.cfg.checkpoint.keep)
+    return path
+
+
+def train(cfg: Config) -> Run:
+    run = setup(cfg)
+    t = cfg.train
+    try:
+        if run.step >= t.steps and run.is_logging_rank:
+            run.logger.write(f"dlm train: already at step {run.step} >= train.steps={t.steps}")
+        while run.step < t.steps:
+            metrics = train_step(run)
+            if run.logger:
+                run.logger.log(metrics)
+            if t.eval_every and run.step % t.eval_every == 0:
+                eval_metrics = evaluate(run)
+                if run.logger:
+                    run.logger.log(eval_metrics)
+            every = cfg.checkpoint.every
+            if (every and run.step % every == 0) or run.step == t.steps:
+                path = save(run)
+                if run.logger:
+                    run.logger.write(f"checkpoint: {path}")
+    finally:
+        if run.logger:
+            run.logger.close()
+    return run
+
+
+def create_seed_checkpoint(cfg: Config) -> Path:
+    """Write step_0 with freshly initialised weights (no optimizer) and stop: any
+    layout started with checkpoint.init_from=<it> begins from identical weights."""
+    run = setup(cfg)
+    path = save(run, include_optimizer=False)
+    if run.logger:
+        run.logger.write(f"seed checkpoint: {path}")
+        run.logger.close()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    seed_only = "--seed-checkpoint" in argv
+    overrides = [a for a in argv if a != "--seed-checkpoint"]
+    cfg = load_config(overrides)
+    try:
+        if seed_only:
+            create_seed_checkpoint(cfg)
+        else:
+            train(cfg)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
