@@ -7,6 +7,19 @@ pretrain/ uses only the names below. They are resolved lazily so that importing
 from __future__ import annotations
 
 import importlib
+import warnings
+
+# megatron-core and torch announce at every import that optional GPU kernels (Apex,
+# Transformer Engine) are absent and that some collectives were renamed. Silence exactly
+# those; anything else still shows.
+for _message in (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 _EXPORTS = {
     "ConfigError": "parallel.topology",

@@ -176,6 +176,7 @@ def setup(cfg: Config) -> Run:
         clip_grad=o.clip_grad, distributed=cfg.parallel.distributed_optimizer))
     run = Run(cfg, derived, topo, engine, dataset, Path(cfg.run.dir))
     resume(run)
+    engine.barrier()  # ranks measure the matmul peak together, as they will train
     run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
     if run.is_logging_rank:
         run.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,196 @@
+"""The trainer end to end, as users launch it, under every layout.
+
+One seed checkpoint gives every run the same initial weights. A single-process
+reference run is the ground truth; TP=2, PP=2, DP=2 and TP2xPP2 runs must
+reproduce its losses, gradient norms and final weights to fp32 tolerance; a
+resumed run must reproduce it exactly; checkpoints saved at TP=2 must resume at
+TP=1 and at DP=2 and continue identically. Each layout is launched once and all
+its assertions share that launch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import QUIET, launch, read_metrics, spawn
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+# The harder options on purpose: 'masked' normalization must be exact over microbatches
+# and data-parallel ranks; stratified t depends on the global batch; tied embeddings
+# cross pipeline stages; QKV bias is the Qwen2 path.
+CONFIG = [
+    "model=tiny",
+    "model.tie_embeddings=true",
+    "model.qkv_bias=true",
+    "objective.normalization=masked",
+    "objective.t_sampling=stratified",
+    "data.max_bytes=300000",
+    f"train.steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "optim.warmup_steps=2",
+    "checkpoint.every=3",
+    "checkpoint.keep=0",
+    "seed=7",
+    *QUIET,
+]
+LAYOUTS = {
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "dp2": (2, []),
+    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+}
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(root) -> Path:
+    launch(1, ["--seed-checkpoint", *CONFIG, f"run.dir={root / 'seed'}"])
+    return root / "seed" / "checkpoints" / "step_0"
+
+
+@pytest.fixture(scope="module")
+def reference(root, seed_checkpoint) -> Path:
+    run_dir = root / "reference"
+    launch(1, [*CONFIG, f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def layout_runs(root, seed_checkpoint) -> dict[str, Path]:
+    runs = {}
+    for name, (nproc, overrides) in LAYOUTS.items():
+        run_dir = root / name
+        launch(nproc, [*CONFIG, *overrides, f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+        runs[name] = run_dir
+    return runs
+
+
+def _resume_copy(source_run: Path, step: int, dest: Path) -> Path:
+    """A run directory holding only `source_run`'s checkpoint of `step`."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / f"step_{step}", dest / "checkpoints" / f"step_{step}")
+    (dest / "checkpoints" / "latest").write_text(f"step_{step}")
+    return dest
+
+
+def _final_weights(paths: list[Path], run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """Every checkpoint's weights, loaded at TP=1/PP=1 in one process (resharding)."""
+    return spawn(_load_weights, 1, [str(p) for p in paths], str(run_dir), timeout=600)[0]
+
+
+def _load_weights(paths: list[str], run_dir: str) -> list[dict[str, torch.Tensor]]:
+    from parallel import load_checkpoint, shutdown_distributed
+    from pretrain.config import load_config
+    from pretrain.train import setup
+
+    run = setup(load_config([*CONFIG, f"run.dir={run_dir}"]))
+    out = []
+    for path in paths:
+        load_checkpoint(Path(path), run.engine, load_optimizer=False)
+        state = run.engine.module.state_dict()
+        out.append({k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()})
+    run.logger.close()
+    shutdown_distributed()
+    return out
+
+
+def _assert_same_steps(rows: list[dict], expected: list[dict], what: str) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in expected], what
+    for got, want in zip(rows, expected, strict=True):
+        for key in ("loss", "grad_norm", "masked_acc", "lr"):
+            assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=1e-7), (
+                f"{what}: step {got['step']} {key} {got[key]!r} != {want[key]!r}"
+            )
+
+
+def _assert_same_weights(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for name in a:
+        diff = (a[name] - b[name]).abs().max().item()
+        assert diff < 1e-5, f"{what}: {name} differs by {diff}"
+
+
+def test_reference_run_writes_metrics_and_checkpoints(reference):
+    rows = read_metrics(reference)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s", "masked_acc", "grad_norm", "mfu"} <= r.keys()
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert rows[0]["lr"] < rows[1]["lr"]  # warmup
+    ckpts = reference / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS}"
+    for step in (3, STEPS):
+        assert (ckpts / f"step_{step}" / "state.json").exists()
+        assert (ckpts / f"step_{step}" / "config.yaml").read_text() == (reference / "config.yaml").read_text()
+    assert not list(ckpts.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, reference, layout_runs):
+    """Same losses, gradient norms and masked accuracy at every step as one process."""
+    _assert_same_steps(read_metrics(layout_runs[layout]), read_metrics(reference), layout)
+
+
+def test_layouts_end_with_the_same_weights(root, reference, layout_runs):
+    names = list(LAYOUTS)
+    paths = [root / "seed" / "checkpoints" / "step_0", reference / "checkpoints" / f"step_{STEPS}"]
+    paths += [layout_runs[n] / "checkpoints" / f"step_{STEPS}" for n in names]
+    seed, *weights = _final_weights(paths, root / "loader")
+    moved = max((weights[0][k] - seed[k]).abs().max().item() for k in seed)
+    assert moved > 1e-4, "training did not change the weights: the comparison would be vacuous"
+    for name, w in zip(names, weights[1:], strict=True):
+        _assert_same_weights(w, weights[0], name)
+
+
+def test_exact_resume(root, reference):
+    """6 steps straight == 3 steps + save + resume + 3 steps (losses and weights)."""
+    run_dir = _resume_copy(reference, 3, root / "resumed")
+    proc = launch(1, [*CONFIG, f"run.dir={run_dir}"])
+    assert "resumed from" in proc.stdout and "step_3" in proc.stdout
+    rows = read_metrics(run_dir)
+    _assert_same_steps(rows, read_metrics(reference)[3:], "resume")
+    for got, want in zip(rows, read_metrics(reference)[3:], strict=True):
+        assert got["loss"] == want["loss"], "a single-process resume must be bit-exact"
+    a, b = _final_weights(
+        [run_dir / "checkpoints" / f"step_{STEPS}", reference / "checkpoints" / f"step_{STEPS}"], root / "l2"
+    )
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("target", ["tp1", "dp2"])
+def test_reshard_tp2_checkpoint(target, root, reference, layout_runs):
+    """A checkpoint saved at TP=2 resumes at TP=1 and at DP=2 (model and optimizer)."""
+    run_dir = _resume_copy(layout_runs["tp2"], 3, root / f"reshard_{target}")
+    launch(1 if target == "tp1" else 2, [*CONFIG, f"run.dir={run_dir}"])
+    _assert_same_steps(read_metrics(run_dir), read_metrics(reference)[3:], f"tp2 -> {target}")
+
+
+def test_cli_resume_and_leftover_tmp(root, seed_checkpoint):
+    """`dlm train` twice in one run dir: the second run resumes; a half-written
+    checkpoint (crash during save) is ignored."""
+    run_dir = root / "cli"
+    base = ["train", *CONFIG, "checkpoint.every=2", f"run.dir={run_dir}"]
+    launch(1, [*base, "train.steps=2"], module="pretrain.cli")
+    crashed = run_dir / "checkpoints" / "step_3.tmp"
+    crashed.mkdir()
+    (crashed / "garbage").write_text("half a checkpoint")
+    proc = launch(1, [*base, "train.steps=4"], module="pretrain.cli")
+    assert "resumed from" in proc.stdout and "step_2" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
+    proc = launch(1, [*base, "train.steps=4"], module="pretrain.cli")
+    assert "already at step 4" in proc.stdout
