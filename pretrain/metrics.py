@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(
             project=project,

@@ -264,6 +264,11 @@ def train(cfg: Config) -> Run:
                 path = save(run)
                 if run.logger:
                     run.logger.write(f"checkpoint: {path}")
+        if run.logger:
+            run.logger.write(
+                f"done: step {run.step}, {run.consumed_samples * cfg.data.seq_len:,} tokens seen; "
+                f"checkpoints in {run.run_dir / 'checkpoints'}, metrics in {run.logger.path}"
+            )
     finally:
         if run.logger:
             run.logger.close()
