@@ -3,7 +3,7 @@ from setuptools import setup
 setup(
     name="dlm-pretrain",
     version="0.1.0",
-    description="Pretrain masked diffusion language models on megatron-core, from a laptop to a Slurm cluster",
+    description="Pretrain masked diffusion language models on megatron-core, laptop to Slurm cluster",
     packages=["pretrain", "data", "parallel"],
     python_requires=">=3.10,<3.12",
     install_requires=[

@@ -139,6 +139,11 @@ class WindowDataset:
         self.windows = torch.from_numpy(tokens[: n * seq_len].astype(np.int64).reshape(n, seq_len))
         self.num_eval = max(1, int(n * eval_fraction)) if eval_fraction > 0 else 0
         self.num_train = n - self.num_eval
+        if self.num_train < 1:
+            raise ValueError(
+                f"data: {n} windows of data.seq_len={seq_len} leave none for training after "
+                f"holding out data.eval_fraction={eval_fraction}"
+            )
         self.seq_len = seq_len
         self.seed = seed
         self._perm: tuple[int, torch.Tensor] | None = None

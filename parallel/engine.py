@@ -9,8 +9,8 @@ helpers `cross_entropy` / `correct`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -130,9 +130,7 @@ class Engine:
         values = values.clone()
         torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
         if self.topo.pp > 1:
-            torch.distributed.all_reduce(
-                values, group=parallel_state.get_pipeline_model_parallel_group()
-            )
+            torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
         return values
 
     def barrier(self) -> None:

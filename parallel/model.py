@@ -97,9 +97,7 @@ def build_layer_spec(dims: ModelDims) -> ModuleSpec:
         # (fusions/fused_softmax.py:323).
         full = AttnMaskType.padding
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.params["attn_mask_type"] = (
-        AttnMaskType.causal if dims.causal else full
-    )
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.causal if dims.causal else full
     return spec
 
 
@@ -130,7 +128,9 @@ class Denoiser(GPTModel):
             return hidden
         if logit_positions is not None:  # hidden is [s, b, h]; select in [b, s] order
             hidden = hidden.transpose(0, 1)[logit_positions].unsqueeze(1)
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
 

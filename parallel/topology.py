@@ -209,9 +209,10 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
+    if not torch.distributed.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -33,7 +32,7 @@ class ModelConfig:
     num_query_groups: int = 2  # grouped-query attention; = num_attention_heads for MHA
     ffn_hidden_size: int = 176
     max_seq_len: int = 64
-    vocab_size: Optional[int] = None  # None: the tokenizer's
+    vocab_size: int | None = None  # None: the tokenizer's
     make_vocab_size_divisible_by: int = 128
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -51,7 +50,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib (this Python's standard library) | text (data.paths)
     paths: list[str] = field(default_factory=list)
     seq_len: int = 64
-    max_bytes: Optional[int] = None  # read at most this many bytes of the corpus
+    max_bytes: int | None = None  # read at most this many bytes of the corpus
     eval_fraction: float = 0.01
 
 
@@ -59,7 +58,7 @@ class DataConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: Optional[int] = None  # derived: world_size / (tp * pp)
+    dp: int | None = None  # derived: world_size / (tp * pp)
     distributed_optimizer: bool = True  # ZeRO-1: Adam states sharded over dp ranks
 
 
@@ -83,7 +82,7 @@ class ClusterConfig:
     name: str = "local"
     # Peak dense FLOP/s per device for MFU, in TFLOP/s. None: measured fp32 matmul on
     # CPU; the bf16 datasheet value on known GPUs.
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -110,7 +109,7 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep: int = 3  # newest complete checkpoints kept; 0 keeps all
-    init_from: Optional[str] = None  # weights of this checkpoint when run.dir has none
+    init_from: str | None = None  # weights of this checkpoint when run.dir has none
     resume: bool = True
 
 
@@ -205,6 +204,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
+    if t.eval_every > 0 and cfg.data.eval_fraction <= 0:
+        raise ConfigError(
+            f"train.eval_every={t.eval_every} needs held-out data: data.eval_fraction is "
+            f"{cfg.data.eval_fraction}"
+        )
     if not 0 < cfg.objective.eps < 1:
         raise ConfigError(f"objective.eps={cfg.objective.eps} must be in (0, 1)")
     if cfg.optim.schedule == "wsd" and not 0 < cfg.optim.decay_fraction <= 1:

@@ -18,7 +18,7 @@ the same t and the same mask for the same sample.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +73,7 @@ def sample_t(
         if not global_batch_size:
             raise ValueError("stratified t sampling needs global_batch_size")
         B = global_batch_size
-        u = torch.stack(
-            [(_uniform(seed, _STREAM_T, i // B, 1)[0] + (i % B) / B) % 1.0 for i in idx]
-        )
+        u = torch.stack([(_uniform(seed, _STREAM_T, i // B, 1)[0] + (i % B) / B) % 1.0 for i in idx])
     return (eps + (1.0 - eps) * u).float()
 
 

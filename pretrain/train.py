@@ -16,22 +16,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
+import parallel  # megatron-core is imported on first use of the engine functions
 from data.corpus import ByteTokenizer, WindowDataset, load_byte_corpus
-from parallel import (
-    Engine,
-    LaunchEnv,
-    OptimizerSettings,
-    Topology,
-    build_engine,
-    build_model,
-    init_distributed,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    shutdown_distributed,
-)
+from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, to_yaml
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
 from pretrain.objective import diffusion_loss, mask_tokens, sample_t
@@ -44,8 +34,8 @@ EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
 class Run:
     cfg: Config
     derived: Derived
-    topo: Topology
-    engine: Engine
+    topo: parallel.Topology
+    engine: parallel.Engine
     dataset: WindowDataset
     run_dir: Path
     step: int = 0
@@ -64,8 +54,13 @@ def forward_step(run: Run, seed: int, batch: dict, model):
     tensor/pipeline rank draws the same masks) and run this pipeline stage."""
     obj = run.cfg.objective
     tokens, index = batch["tokens"].to(run.topo.device), batch["index"]
-    t = sample_t(index, seed=seed, method=obj.t_sampling, eps=obj.eps,
-                 global_batch_size=run.cfg.train.global_batch_size)
+    t = sample_t(
+        index,
+        seed=seed,
+        method=obj.t_sampling,
+        eps=obj.eps,
+        global_batch_size=run.cfg.train.global_batch_size,
+    )
     noisy, is_masked = mask_tokens(tokens, t, index, seed=seed, mask_id=run.derived.mask_id)
     output = model(noisy, logit_positions=is_masked if obj.logits == "masked" else None)
     return output, partial(loss_fn, run, tokens, is_masked, t.to(tokens.device))
@@ -76,11 +71,18 @@ def loss_fn(run: Run, tokens, is_masked, t, output):
     logits = output if obj.logits == "masked" else output.transpose(0, 1)[is_masked]
     logits = logits.reshape(-1, logits.shape[-1])
     correct = run.engine.correct(logits, tokens[is_masked]).sum()  # before the in-place CE
-    loss_sum, count = diffusion_loss(logits, tokens, is_masked, t, weighting=obj.weighting,
-                                     normalization=obj.normalization,
-                                     cross_entropy=run.engine.cross_entropy)
-    stats = torch.stack([loss_sum.detach().double(), count.double(), correct.double(),
-                         is_masked.sum().double()])
+    loss_sum, count = diffusion_loss(
+        logits,
+        tokens,
+        is_masked,
+        t,
+        weighting=obj.weighting,
+        normalization=obj.normalization,
+        cross_entropy=run.engine.cross_entropy,
+    )
+    stats = torch.stack(
+        [loss_sum.detach().double(), count.double(), correct.double(), is_masked.sum().double()]
+    )
     return loss_sum, count, {"stats": stats}
 
 
@@ -145,35 +147,58 @@ def evaluate(run: Run) -> dict:
     gbs = run.cfg.train.global_batch_size
     with torch.no_grad():
         for b in range(run.cfg.train.eval_batches):
-            total += run_schedule(run, b * gbs, run.dataset.eval_samples,
-                                  run.cfg.seed + EVAL_SEED_OFFSET, True)
+            total += run_schedule(
+                run, b * gbs, run.dataset.eval_samples, run.cfg.seed + EVAL_SEED_OFFSET, True
+            )
     loss_sum, count, correct, masked = total.tolist()
-    return {"step": run.step, "eval_loss": loss_sum / max(count, 1),
-            "eval_masked_acc": correct / max(masked, 1)}
+    return {
+        "step": run.step,
+        "eval_loss": loss_sum / max(count, 1),
+        "eval_masked_acc": correct / max(masked, 1),
+    }
 
 
 # -- set-up, checkpoints, loop -------------------------------------------------------------
-def setup(cfg: Config) -> Run:
+def preflight(cfg: Config) -> tuple[ByteTokenizer, Derived, dict]:
+    """Every check that needs no data and no process group, so a bad config or layout
+    fails in seconds, naming the key."""
     tokenizer = ByteTokenizer()
+    world_size = parallel.LaunchEnv.detect().world_size
+    derived = derive(cfg, world_size, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id)
+    m = cfg.model
+    layout = dict(
+        num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        padded_vocab=derived.padded_vocab_size,
+    )
+    parallel.Topology.build(world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, **layout)
+    return tokenizer, derived, layout
+
+
+def setup(cfg: Config) -> Run:
+    tokenizer, derived, layout = preflight(cfg)
     tokens, corpus = load_byte_corpus(cfg.data.source, cfg.data.paths, cfg.data.max_bytes)
-    dataset = WindowDataset(tokens, cfg.data.seq_len, seed=cfg.seed,
-                            eval_fraction=cfg.data.eval_fraction)
-    launch = LaunchEnv.detect()
-    derived = derive(cfg, launch.world_size, vocab_size=tokenizer.vocab_size,
-                     mask_id=tokenizer.mask_id)
-    dims = model_dims(cfg, derived.padded_vocab_size)
-    topo = init_distributed(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed,
-        model_dims=dict(num_layers=dims.num_layers, num_attention_heads=dims.num_attention_heads,
-                        num_query_groups=dims.num_query_groups,
-                        ffn_hidden_size=dims.ffn_hidden_size, padded_vocab=dims.padded_vocab_size),
+    dataset = WindowDataset(tokens, cfg.data.seq_len, seed=cfg.seed, eval_fraction=cfg.data.eval_fraction)
+    topo = parallel.init_distributed(
+        tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
     )
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
-    model = build_model(dims, topo, bf16=bf16)
+    model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     o = cfg.optim
-    engine = build_engine(model, topo, OptimizerSettings(
-        weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-        clip_grad=o.clip_grad, distributed=cfg.parallel.distributed_optimizer))
+    engine = parallel.build_engine(
+        model,
+        topo,
+        parallel.OptimizerSettings(
+            weight_decay=o.weight_decay,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            eps=o.eps,
+            clip_grad=o.clip_grad,
+            distributed=cfg.parallel.distributed_optimizer,
+        ),
+    )
     run = Run(cfg, derived, topo, engine, dataset, Path(cfg.run.dir))
     resume(run)
     engine.barrier()  # ranks measure the matmul peak together, as they will train
@@ -183,9 +208,13 @@ def setup(cfg: Config) -> Run:
         (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
         (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
         run.logger = MetricsLogger(
-            run.run_dir, start_step=run.step, total_steps=cfg.train.steps,
-            log_every=cfg.train.log_every, progress=cfg.logging.progress,
-            wandb_setting=cfg.logging.wandb, project=cfg.logging.project,
+            run.run_dir,
+            start_step=run.step,
+            total_steps=cfg.train.steps,
+            log_every=cfg.train.log_every,
+            progress=cfg.logging.progress,
+            wandb_setting=cfg.logging.wandb,
+            project=cfg.logging.project,
             config={"config": asdict(cfg), "derived": derived.as_dict()},
         )
         p = derived.params
@@ -205,14 +234,14 @@ def resume(run: Run) -> None:
     """Continue from run.dir's latest checkpoint, or start from checkpoint.init_from's
     weights, or from scratch."""
     ckpt_cfg = run.cfg.checkpoint
-    latest = latest_checkpoint(run.run_dir / "checkpoints") if ckpt_cfg.resume else None
+    latest = parallel.latest_checkpoint(run.run_dir / "checkpoints") if ckpt_cfg.resume else None
     if latest is not None:
-        state = load_checkpoint(latest, run.engine)
+        state = parallel.load_checkpoint(latest, run.engine)
         run.step, run.consumed_samples = state["step"], state["consumed_samples"]
         source = f"resumed from {latest} (step {run.step})"
     elif ckpt_cfg.init_from:
         path = resolve_checkpoint(Path(ckpt_cfg.init_from))
-        load_checkpoint(path, run.engine, load_optimizer=False)
+        parallel.load_checkpoint(path, run.engine, load_optimizer=False)
         source = f"initialised from the weights of {path}"
     else:
         return
@@ -225,7 +254,7 @@ def resolve_checkpoint(path: Path) -> Path:
     for candidate in (path, path / "checkpoints"):
         if (candidate / "state.json").exists():
             return candidate
-        found = latest_checkpoint(candidate) if (candidate / "latest").exists() else None
+        found = parallel.latest_checkpoint(candidate) if (candidate / "latest").exists() else None
         if found is not None:
             return found
     raise FileNotFoundError(f"checkpoint.init_from={path}: no checkpoint there")
@@ -233,15 +262,14 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def save(run: Run, *, include_optimizer: bool = True) -> Path:
     ckpt_dir = run.run_dir / "checkpoints"
-    path = save_checkpoint(
+    path = parallel.save_checkpoint(
         ckpt_dir / f"step_{run.step}",
         run.engine,
-        state={"step": run.step, "consumed_samples": run.consumed_samples,
-               "derived": run.derived.as_dict()},
+        state={"step": run.step, "consumed_samples": run.consumed_samples, "derived": run.derived.as_dict()},
         config_yaml=to_yaml(run.cfg),
         include_optimizer=include_optimizer,
     )
-    prune_checkpoints(ckpt_dir, run.cfg.checkpoint.keep)
+    parallel.prune_checkpoints(ckpt_dir, run.cfg.checkpoint.keep)
     return path
 
 
@@ -290,14 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     seed_only = "--seed-checkpoint" in argv
     overrides = [a for a in argv if a != "--seed-checkpoint"]
-    cfg = load_config(overrides)
+    try:
+        cfg = load_config(overrides)
+        preflight(cfg)
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        cause = f"\n  {e.__cause__}" if e.__cause__ else ""
+        print(f"dlm train: invalid configuration: {e}{cause}", file=sys.stderr)
+        return 2
     try:
         if seed_only:
             create_seed_checkpoint(cfg)
         else:
             train(cfg)
     finally:
-        shutdown_distributed()
+        parallel.shutdown_distributed()
     return 0
 
 

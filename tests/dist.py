@@ -53,9 +53,7 @@ def launch(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), "-m", module, *overrides,
         ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")

@@ -17,7 +17,9 @@ def _sources(*dirs: str):
 def test_engines_are_imported_only_inside_parallel():
     pattern = re.compile(r"^\s*(from|import)\s+(megatron|deepspeed|transformer_engine)\b", re.M)
     offenders = [
-        str(p.relative_to(REPO)) for p in _sources("pretrain", "data", "bench") if pattern.search(p.read_text())
+        str(p.relative_to(REPO))
+        for p in _sources("pretrain", "data", "bench")
+        if pattern.search(p.read_text())
     ]
     assert not offenders, f"megatron/DeepSpeed/TE imported outside parallel/: {offenders}"
 

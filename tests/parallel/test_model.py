@@ -16,7 +16,9 @@ DIMS = dict(
     padded_vocab_size=256,
     max_seq_len=32,
 )
-TOPO_DIMS = dict(num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, padded_vocab=256)
+TOPO_DIMS = dict(
+    num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, padded_vocab=256
+)
 
 
 def _logit_changes(spec: str = "auto", bf16: bool = False) -> dict:
@@ -77,8 +79,14 @@ def test_transformer_engine_spec_is_bidirectional_in_bf16():
 
 def _optimizer_shards() -> dict:
     """One training step with DP=2: how much Adam state each rank holds."""
-    from parallel import ModelDims, OptimizerSettings, build_engine, build_model, init_distributed
-    from parallel import shutdown_distributed
+    from parallel import (
+        ModelDims,
+        OptimizerSettings,
+        build_engine,
+        build_model,
+        init_distributed,
+        shutdown_distributed,
+    )
 
     topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
     model = build_model(ModelDims(**DIMS), topo)

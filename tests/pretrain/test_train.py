@@ -10,8 +10,10 @@ its assertions share that launch.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -41,10 +43,11 @@ CONFIG = [
     "seed=7",
     *QUIET,
 ]
+# Activation recompute must not change results either: exercised on two layouts.
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
-    "pp2": (2, ["parallel.pp=2"]),
-    "dp2": (2, []),
+    "pp2": (2, ["parallel.pp=2", "model.recompute=selective"]),
+    "dp2": (2, ["model.recompute=full"]),
     "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
 }
 RTOL = 1e-5
@@ -64,7 +67,13 @@ def seed_checkpoint(root) -> Path:
 @pytest.fixture(scope="module")
 def reference(root, seed_checkpoint) -> Path:
     run_dir = root / "reference"
-    launch(1, [*CONFIG, f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+    overrides = [
+        *CONFIG,
+        "logging.wandb=offline",
+        f"run.dir={run_dir}",
+        f"checkpoint.init_from={seed_checkpoint}",
+    ]
+    launch(1, overrides, env={"WANDB_API_KEY": "", "HOME": str(root)})  # offline: no key, no ~/.netrc
     return run_dir
 
 
@@ -101,10 +110,35 @@ def _load_weights(paths: list[str], run_dir: str) -> list[dict[str, torch.Tensor
     for path in paths:
         load_checkpoint(Path(path), run.engine, load_optimizer=False)
         state = run.engine.module.state_dict()
-        out.append({k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()})
+        out.append(
+            {k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+        )
     run.logger.close()
     shutdown_distributed()
     return out
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of an offline wandb run, read from its record stream (a ':W&B' header,
+    then 32 KiB blocks of records: crc32, length, type FULL/FIRST/MIDDLE/LAST, protobuf)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, partial, rows = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        partial = payload if kind in (1, 2) else partial + payload
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(partial)
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return rows
 
 
 def _assert_same_steps(rows: list[dict], expected: list[dict], what: str) -> None:
@@ -136,6 +170,12 @@ def test_reference_run_writes_metrics_and_checkpoints(reference):
         assert (ckpts / f"step_{step}" / "state.json").exists()
         assert (ckpts / f"step_{step}" / "config.yaml").read_text() == (reference / "config.yaml").read_text()
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_reference_run_logs_to_wandb_offline(reference):
+    history = [r for r in _wandb_history(reference) if "loss" in r]
+    assert [h["_step"] for h in history] == [r["step"] for r in read_metrics(reference)]
+    assert [h["loss"] for h in history] == [r["loss"] for r in read_metrics(reference)]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
