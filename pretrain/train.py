@@ -87,7 +87,7 @@ def loss_fn(run: Run, tokens, is_masked, t, output):
 
 
 # -- one optimizer step ----------------------------------------------------------------------
-def microbatches(run: Run, first_index: int, samples, split: str = "train"):
+def microbatches(run: Run, first_index: int, samples):
     """This data-parallel rank's share of the global batch starting at `first_index`."""
     d, mbs = run.derived, run.cfg.train.micro_batch_size
     start = first_index + run.topo.dp_rank * d.samples_per_dp_rank
