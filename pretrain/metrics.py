@@ -78,7 +78,7 @@ class MetricsLogger:
             initial=start_step,
             desc="train",
             unit="step",
-            disable=not progress,
+            disable=None if progress else True,  # None: only on a terminal
             file=sys.stderr,
             dynamic_ncols=True,
         )

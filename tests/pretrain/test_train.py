@@ -234,3 +234,26 @@ def test_cli_resume_and_leftover_tmp(root, seed_checkpoint):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
     proc = launch(1, [*base, "train.steps=4"], module="pretrain.cli")
     assert "already at step 4" in proc.stdout
+
+
+def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
+    """bf16 weights and activations (Float16Module) with fp32 main params and Adam states
+    in the DistributedOptimizer: the path GPUs take by default, runnable on CPU."""
+    run_dir = root / "bf16"
+    launch(
+        1, [*CONFIG, "train.precision=bf16", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"]
+    )
+    rows, ref = read_metrics(run_dir), read_metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for got, want in zip(rows, ref, strict=True):
+        assert got["loss"] != want["loss"]  # really ran in bf16
+        assert math.isclose(got["loss"], want["loss"], rel_tol=3e-2), (got["step"], got["loss"], want["loss"])
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_tp2_bf16_run_tracks_the_cpu_reference(root, seed_checkpoint, reference):
+    """On a machine with >= 2 GPUs: NCCL, Transformer Engine layers (when installed), bf16."""
+    run_dir = root / "gpu_tp2"
+    launch(2, [*CONFIG, "parallel.tp=2", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+    for got, want in zip(read_metrics(run_dir), read_metrics(reference), strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=3e-2)
