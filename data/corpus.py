@@ -9,13 +9,12 @@ samples in the same global order, and the data position is one integer.
 
 from __future__ import annotations
 
-import glob
-import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from data.sources import DocumentReader
 
 
 class ByteTokenizer:
@@ -43,26 +42,6 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
 
-def stdlib_sources() -> list[Path]:
-    """The standard library's .py files (site-packages excluded), in a stable order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
-
-
-def resolve_paths(patterns: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for pattern in patterns:
-        p = Path(pattern)
-        if p.is_dir():
-            paths.extend(sorted(q for q in p.rglob("*") if q.is_file()))
-        else:
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"data.paths: {pattern!r} matches no file")
-            paths.extend(Path(m) for m in matches)
-    return paths
-
-
 @dataclass
 class CorpusStats:
     documents_read: int = 0
@@ -71,11 +50,6 @@ class CorpusStats:
     skipped_examples: list[str] = field(default_factory=list)
     tokens: int = 0
 
-    def skip(self, reason: str, where: str) -> None:
-        self.documents_skipped[reason] = self.documents_skipped.get(reason, 0) + 1
-        if len(self.skipped_examples) < 20:
-            self.skipped_examples.append(f"{where}: {reason}")
-
 
 def load_byte_corpus(
     source: str, paths: list[str] | None = None, max_bytes: int | None = None
@@ -83,44 +57,32 @@ def load_byte_corpus(
     """Token stream (uint16) of the corpus, documents separated by EOS.
 
     source 'stdlib' reads the standard library sources; 'text' reads `paths` (files,
-    directories or globs). Empty or unreadable files are skipped and counted;
+    directories, globs; see data/sources.py). Bad documents are skipped and counted;
     `documents_read == documents_written + sum(documents_skipped)`."""
     if source == "stdlib":
-        files = stdlib_sources()
+        inputs = ["stdlib"]
     elif source == "text":
         if not paths:
             raise ValueError("data.source=text needs data.paths")
-        files = resolve_paths(paths)
+        inputs = list(paths)
     else:
         raise ValueError(f"data.source={source!r}: expected 'stdlib' or 'text'")
-    stats = CorpusStats()
+    reader = DocumentReader(inputs)
     pieces, total = [], 0
     eos = np.array([ByteTokenizer.EOS], dtype=np.uint16)
-    for path in files:
+    for doc in reader:
+        raw = doc.text.encode("utf-8")
+        pieces += [np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), eos]
+        total += len(raw)
         if max_bytes is not None and total >= max_bytes:
             break
-        stats.documents_read += 1
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            stats.skip(f"unreadable ({e.__class__.__name__})", str(path))
-            continue
-        if not raw.strip():
-            stats.skip("empty", str(path))
-            continue
-        if b"\x00" in raw[:8192]:
-            stats.skip("binary", str(path))
-            continue
-        pieces.append(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16))
-        pieces.append(eos)
-        total += len(raw)
-        stats.documents_written += 1
     if not pieces:
-        raise ValueError(f"data: no usable document among {len(files)} files of source {source!r}")
-    tokens = np.concatenate(pieces)
-    if max_bytes is not None:
-        tokens = tokens[:max_bytes]
-    stats.tokens = int(tokens.size)
+        raise ValueError(f"data: no usable document among {len(reader.files)} files of source {source!r}")
+    tokens = np.concatenate(pieces)[:max_bytes]
+    r = reader.stats
+    stats = CorpusStats(
+        r.documents_read, r.documents_yielded, r.documents_skipped, r.skipped_examples, int(tokens.size)
+    )
     return tokens, stats
 
 

@@ -7,13 +7,42 @@ import sys
 USAGE = """usage: dlm <command> [key=value ...]
 
 commands:
-  train    pretrain a masked diffusion LM (Hydra overrides, see conf/)
-           --seed-checkpoint: write step_0 weights and stop
+  tokenizer  train a sentencepiece tokenizer (+ Hugging Face files)   conf/tokenizer.yaml
+  prepare    tokenize, pack and shard a corpus into webdataset tars    conf/prepare.yaml
+  train      pretrain a masked diffusion LM                            conf/config.yaml
+             --seed-checkpoint: write step_0 weights and stop
 
 examples:
+  dlm tokenizer input=[stdlib] output=data/tok vocab_size=8000
+  dlm prepare input=[stdlib] output=data/stdlib tokenizer=data/tok/tokenizer.model seq_len=2048
   dlm train model=tiny train.steps=20 checkpoint.every=10 run.dir=/tmp/r1
   torchrun --nproc-per-node 2 -m pretrain.train model=tiny parallel.tp=2 run.dir=/tmp/r2
 """
+
+
+def run_data_command(name: str, argv: list[str]) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from parallel.topology import ConfigError
+    from pretrain.config import load_command_config
+
+    try:
+        cfg = load_command_config(name, argv)
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        cause = f"\n  {e.__cause__}" if e.__cause__ else ""
+        print(f"dlm {name}: invalid configuration: {e}{cause}", file=sys.stderr)
+        return 2
+    if name == "tokenizer":
+        from data.tokenizer import run
+    else:
+        from data.prepare import run
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input under on_error=fail, missing files
+        print(f"dlm {name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.train import main as train_main
 
         return train_main(rest)
+    if command in ("tokenizer", "prepare"):
+        return run_data_command(command, rest)
     print(f"dlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from data.config import MODEL_TYPES, PrepareConfig, TokenizerConfig
+from data.sources import ON_ERROR
 from parallel.dims import ModelDims, count_parameters
 from parallel.topology import ConfigError, padded_vocab_size
 
@@ -143,13 +145,15 @@ class Config:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    cs.store(name="tokenizer_schema", node=TokenizerConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
 
 
 CHOICES = {
     "model.attention": ("bidirectional", "causal"),
     "model.spec": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
-    "data.source": ("stdlib", "text"),
+    "data.source": ("stdlib", "text", "shards"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "objective.t_sampling": ("uniform", "stratified"),
     "objective.weighting": ("elbo", "uniform"),
@@ -169,6 +173,32 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
         node = compose(config_name=config_name, overrides=list(overrides or []))
     cfg: Config = OmegaConf.to_object(node)
     validate(cfg)
+    return cfg
+
+
+def load_command_config(name: str, overrides: list[str] | None = None):
+    """The typed config of a data command: conf/<name>.yaml ('tokenizer', 'prepare')."""
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        node = compose(config_name=name, overrides=list(overrides or []))
+    cfg = OmegaConf.to_object(node)  # raises MissingMandatoryValue naming e.g. 'output'
+    if not cfg.input:
+        raise ConfigError(f"{name}: input=[...] is empty (files, directories, globs, stdlib, manpages)")
+    if cfg.on_error not in ON_ERROR:
+        raise ConfigError(f"on_error={cfg.on_error!r} is not one of {ON_ERROR}")
+    if isinstance(cfg, TokenizerConfig) and cfg.model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type={cfg.model_type!r} is not one of {MODEL_TYPES}")
+    positive = (
+        ["vocab_size", "max_sentences"]
+        if isinstance(cfg, TokenizerConfig)
+        else ["seq_len", "workers", "chunk_chars", "samples_per_shard"]
+    )
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    if isinstance(cfg, PrepareConfig) and not 0 <= cfg.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be in [0, 1)")
     return cfg
 
 
@@ -204,6 +234,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if cfg.data.source == "shards":
+        if not cfg.data.sources:
+            raise ConfigError("data.source=shards needs data.sources=[{path: DIR, weight: 1.0}, ...]")
+        if any(src.weight <= 0 for src in cfg.data.sources):
+            raise ConfigError("data.sources: every weight must be positive")
+        if cfg.data.num_workers < 0 or cfg.data.shuffle_shards < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.shuffle_shards >= 1")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
     if t.eval_every > 0 and cfg.data.eval_fraction <= 0:

@@ -20,7 +20,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 import parallel  # megatron-core is imported on first use of the engine functions
-from data.corpus import ByteTokenizer, WindowDataset, load_byte_corpus
+from data import pipeline
+from data.shards import ShardFormatError
 from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, to_yaml
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
@@ -36,7 +37,7 @@ class Run:
     derived: Derived
     topo: parallel.Topology
     engine: parallel.Engine
-    dataset: WindowDataset
+    data: pipeline.TrainData | None
     run_dir: Path
     step: int = 0
     consumed_samples: int = 0
@@ -117,7 +118,7 @@ def train_step(run: Run) -> dict:
     lr = lr_at(step, cfg.optim, cfg.train.steps)
     start = time.perf_counter()
     run.engine.train(True)
-    stats = run_schedule(run, run.consumed_samples, run.dataset.train_samples, cfg.seed, False)
+    stats = run_schedule(run, run.consumed_samples, run.data.train, cfg.seed, False)
     applied, grad_norm = run.engine.optimizer_step(lr)
     elapsed = time.perf_counter() - start
     run.step, run.consumed_samples = step, run.consumed_samples + cfg.train.global_batch_size
@@ -147,9 +148,7 @@ def evaluate(run: Run) -> dict:
     gbs = run.cfg.train.global_batch_size
     with torch.no_grad():
         for b in range(run.cfg.train.eval_batches):
-            total += run_schedule(
-                run, b * gbs, run.dataset.eval_samples, run.cfg.seed + EVAL_SEED_OFFSET, True
-            )
+            total += run_schedule(run, b * gbs, run.data.eval, run.cfg.seed + EVAL_SEED_OFFSET, True)
     loss_sum, count, correct, masked = total.tolist()
     return {
         "step": run.step,
@@ -159,12 +158,15 @@ def evaluate(run: Run) -> dict:
 
 
 # -- set-up, checkpoints, loop -------------------------------------------------------------
-def preflight(cfg: Config) -> tuple[ByteTokenizer, Derived, dict]:
-    """Every check that needs no data and no process group, so a bad config or layout
-    fails in seconds, naming the key."""
-    tokenizer = ByteTokenizer()
+def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
+    """Every check that needs no process group and reads no data beyond dataset
+    manifests, so a bad config or layout fails in seconds, naming the key."""
+    try:
+        vocab = pipeline.describe(cfg.data)
+    except (pipeline.DataConfigError, ShardFormatError) as e:
+        raise ConfigError(str(e)) from e
     world_size = parallel.LaunchEnv.detect().world_size
-    derived = derive(cfg, world_size, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id)
+    derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     m = cfg.model
     layout = dict(
         num_layers=m.num_layers,
@@ -174,13 +176,11 @@ def preflight(cfg: Config) -> tuple[ByteTokenizer, Derived, dict]:
         padded_vocab=derived.padded_vocab_size,
     )
     parallel.Topology.build(world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, **layout)
-    return tokenizer, derived, layout
+    return vocab, derived, layout
 
 
 def setup(cfg: Config) -> Run:
-    tokenizer, derived, layout = preflight(cfg)
-    tokens, corpus = load_byte_corpus(cfg.data.source, cfg.data.paths, cfg.data.max_bytes)
-    dataset = WindowDataset(tokens, cfg.data.seq_len, seed=cfg.seed, eval_fraction=cfg.data.eval_fraction)
+    vocab, derived, layout = preflight(cfg)
     topo = parallel.init_distributed(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
     )
@@ -199,8 +199,17 @@ def setup(cfg: Config) -> Run:
             distributed=cfg.parallel.distributed_optimizer,
         ),
     )
-    run = Run(cfg, derived, topo, engine, dataset, Path(cfg.run.dir))
-    resume(run)
+    run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
+    data_state = resume(run)
+    run.data = pipeline.build(
+        cfg.data,
+        vocab,
+        seed=cfg.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=topo.dp_rank,
+        dp_size=topo.dp,
+        state=data_state,
+    )
     engine.barrier()  # ranks measure the matmul peak together, as they will train
     run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
     if run.is_logging_rank:
@@ -221,8 +230,8 @@ def setup(cfg: Config) -> Run:
         run.logger.write(
             f"dlm train: {topo.describe()}  model {cfg.model.name} "
             f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
-            f"data {cfg.data.name}: {corpus.tokens:,} tokens, {dataset.num_train:,} train windows "
-            f"of {cfg.data.seq_len}\n  global batch {cfg.train.global_batch_size} = "
+            f"data {cfg.data.name}: {run.data.summary}, seq {cfg.data.seq_len}\n"
+            f"  global batch {cfg.train.global_batch_size} = "
             f"{derived.num_microbatches} microbatches x {cfg.train.micro_batch_size} x dp "
             f"{derived.dp}  |  peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})"
             f"  |  run dir {run.run_dir}"
@@ -230,23 +239,26 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def resume(run: Run) -> None:
+def resume(run: Run) -> dict | None:
     """Continue from run.dir's latest checkpoint, or start from checkpoint.init_from's
-    weights, or from scratch."""
+    weights, or from scratch. Returns the data loader state to continue from."""
     ckpt_cfg = run.cfg.checkpoint
     latest = parallel.latest_checkpoint(run.run_dir / "checkpoints") if ckpt_cfg.resume else None
+    data_state = None
     if latest is not None:
         state = parallel.load_checkpoint(latest, run.engine)
         run.step, run.consumed_samples = state["step"], state["consumed_samples"]
+        data_state = state.get("data_state")
         source = f"resumed from {latest} (step {run.step})"
     elif ckpt_cfg.init_from:
         path = resolve_checkpoint(Path(ckpt_cfg.init_from))
         parallel.load_checkpoint(path, run.engine, load_optimizer=False)
         source = f"initialised from the weights of {path}"
     else:
-        return
+        return None
     if run.is_logging_rank:
         print(f"dlm train: {source}", flush=True)
+    return data_state
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -265,7 +277,12 @@ def save(run: Run, *, include_optimizer: bool = True) -> Path:
     path = parallel.save_checkpoint(
         ckpt_dir / f"step_{run.step}",
         run.engine,
-        state={"step": run.step, "consumed_samples": run.consumed_samples, "derived": run.derived.as_dict()},
+        state={
+            "step": run.step,
+            "consumed_samples": run.consumed_samples,
+            "data_state": run.data.state_dict(),
+            "derived": run.derived.as_dict(),
+        },
         config_yaml=to_yaml(run.cfg),
         include_optimizer=include_optimizer,
     )
@@ -298,6 +315,7 @@ def train(cfg: Config) -> Run:
                 f"checkpoints in {run.run_dir / 'checkpoints'}, metrics in {run.logger.path}"
             )
     finally:
+        run.data.close()
         if run.logger:
             run.logger.close()
     return run
@@ -308,6 +326,7 @@ def create_seed_checkpoint(cfg: Config) -> Path:
     layout started with checkpoint.init_from=<it> begins from identical weights."""
     run = setup(cfg)
     path = save(run, include_optimizer=False)
+    run.data.close()
     if run.logger:
         run.logger.write(f"seed checkpoint: {path}")
         run.logger.close()

@@ -87,11 +87,11 @@ def test_load_text_corpus(corpus_dir):
     assert stats.documents_read == 9
     assert stats.documents_written == len(good)
     assert stats.documents_read == stats.documents_written + sum(stats.documents_skipped.values())
-    assert stats.documents_skipped["empty"] == 2  # empty.txt and the whitespace-only file
-    assert stats.documents_skipped["binary"] == 1
+    assert stats.documents_skipped["empty_document"] == 2  # empty.txt and the whitespace-only file
+    assert stats.documents_skipped["binary_file"] == 1
     unreadable = [r for r in stats.documents_skipped if r.startswith("unreadable")]
     assert len(unreadable) == 1 and stats.documents_skipped[unreadable[0]] == 1
-    assert any("blob.bin" in ex and "binary" in ex for ex in stats.skipped_examples)
+    assert any("blob.bin" in ex and "binary_file" in ex for ex in stats.skipped_examples)
     assert any("dangling" in ex and "unreadable" in ex for ex in stats.skipped_examples)
     assert not any("g3.txt" in ex for ex in stats.skipped_examples)
 
