@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from data.config import MODEL_TYPES, PrepareConfig, TokenizerConfig
+from data.config import MODEL_TYPES, PrepareConfig, SourceConfig, TokenizerConfig
 from data.sources import ON_ERROR
 from parallel.dims import ModelDims, count_parameters
 from parallel.topology import ConfigError, padded_vocab_size
@@ -49,11 +49,17 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib"
-    source: str = "stdlib"  # stdlib (this Python's standard library) | text (data.paths)
+    # stdlib | text: byte-level tokens of this Python's standard library / of data.paths;
+    # shards: `dlm prepare` datasets in data.sources, streamed (data/loader.py).
+    source: str = "stdlib"
     paths: list[str] = field(default_factory=list)
     seq_len: int = 64
-    max_bytes: int | None = None  # read at most this many bytes of the corpus
-    eval_fraction: float = 0.01
+    max_bytes: int | None = None  # bytes sources: read at most this many bytes
+    eval_fraction: float = 0.01  # bytes sources: held-out windows
+    sources: list[SourceConfig] = field(default_factory=list)  # shards: datasets and weights
+    tokenizer: str | None = None  # shards: the .model the shards must have been made with
+    num_workers: int = 2  # shards: DataLoader workers per rank
+    shuffle_shards: int = 2  # shards: this many shards are shuffled together
 
 
 @dataclass
