@@ -131,7 +131,8 @@ def test_every_allowed_choice_composes():
     # a few compositions cover every allowed value of every key
     for i in range(max(len(v) for v in CHOICES.values())):
         chosen = {key: values[i % len(values)] for key, values in CHOICES.items()}
-        extra = ["data.sources=[{path:/some/dataset,weight:1.0}]"] if chosen["data.source"] == "shards" else []
+        shards = chosen["data.source"] == "shards"
+        extra = ["data.sources=[{path:/some/dataset,weight:1.0}]"] if shards else []
         cfg = load_config([f"{key}={value}" for key, value in chosen.items()] + extra)
         for key, value in chosen.items():
             assert _get(cfg, key) == value
