@@ -101,6 +101,10 @@ def _is_file_or_link(path: Path) -> bool:
     return path.is_file() or (path.is_symlink() and not path.is_dir())
 
 
+def _is_gzip(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"  # as case-insensitive as _is_jsonl: DATA.JSONL.GZ
+
+
 def _is_jsonl(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".jsonl") or name.endswith(".jsonl.gz")
@@ -130,7 +134,7 @@ class DocumentReader:
                 continue
             try:
                 raw = path.read_bytes()
-                if path.suffix == ".gz":
+                if _is_gzip(path):
                     raw = gzip.decompress(raw)
             except (OSError, EOFError, zlib.error) as e:
                 self.stats.documents_read += 1
@@ -157,7 +161,7 @@ class DocumentReader:
         """Streams the file (a large .jsonl.gz is never held in memory)."""
         number = 0
         try:
-            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as f:
                 for number, line in enumerate(f, 1):  # noqa: B007 - used after the loop
                     self.stats.bytes_read += len(line)
                     document = self._jsonl_line(path, number, line.rstrip(b"\r\n"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data.config import TokenizerConfig
-from data.sources import DocumentReader
+from data.sources import DocumentReader, InputError
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
 
@@ -76,16 +76,40 @@ def _sentences(reader: DocumentReader, max_bytes: int) -> Iterator[str]:
                 yield line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
+def _train_sentencepiece(sentences: Iterator[str], **options) -> None:
+    """SentencePieceTrainer.train, with failures the CLI reports: sentencepiece wraps an
+    exception of the sentence iterator in a RuntimeError, so bad input under on_error=fail
+    is re-raised as the InputError naming file:line; other training failures (vocab_size
+    too large for the corpus) become a ValueError."""
+    failure: list[InputError] = []
+
+    def guarded() -> Iterator[str]:
+        try:
+            yield from sentences
+        except InputError as e:
+            failure.append(e)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=guarded(), **options)
+    except RuntimeError as e:
+        if failure:
+            raise failure[0] from None
+        raise ValueError(f"sentencepiece training failed: {e}") from e
+
+
 def train_tokenizer(cfg: TokenizerConfig) -> tuple[Path, dict]:
     """Train `<cfg.output>/<cfg.name>.model`; returns its path and an input report."""
+    from data.hf_tokenizer import finalize_model, training_options  # what the exact HF export needs
+
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     reader = DocumentReader(cfg.input, jsonl_field=cfg.jsonl_field, on_error=cfg.on_error)
     spares = [f"<extra_{i}>" for i in range(cfg.spare_tokens)]
     start = time.perf_counter()
     spm.set_random_generator_seed(cfg.seed)  # which sentences the sampling cap keeps
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(reader, cfg.max_sentence_length),
+    _train_sentencepiece(
+        _sentences(reader, cfg.max_sentence_length),
         model_prefix=str(out / cfg.name),
         model_type=cfg.model_type,
         vocab_size=cfg.vocab_size,
@@ -108,7 +132,9 @@ def train_tokenizer(cfg: TokenizerConfig) -> tuple[Path, dict]:
         seed_sentencepiece_size=1_000_000,
         num_threads=cfg.num_threads,
         minloglevel=2,
+        **training_options(cfg.model_type, cfg.spare_tokens),
     )
+    finalize_model(out / f"{cfg.name}.model")
     stats = reader.stats
     report = {
         "documents_read": stats.documents_read,
