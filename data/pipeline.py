@@ -75,6 +75,29 @@ def describe(cfg) -> Vocabulary:
     )
 
 
+def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp_size: int) -> None:
+    """Fail before any process starts when the shard stream cannot be laid out for this
+    many data-parallel ranks and workers (reads manifests only, starts no worker)."""
+    if cfg.source != "shards":
+        return
+    from data.loader import LoaderConfigError, build_train_loader
+
+    try:
+        build_train_loader(
+            [(s.path, s.weight) for s in cfg.sources],
+            seq_len=cfg.seq_len,
+            micro_batch_size=micro_batch_size,
+            dp_rank=0,
+            dp_size=dp_size,
+            seed=seed,
+            num_workers=cfg.num_workers,
+            shuffle_shards=cfg.shuffle_shards,
+            tokenizer_sha256=vocab.tokenizer_sha256,
+        )
+    except LoaderConfigError as e:
+        raise DataConfigError(str(e)) from e
+
+
 class TrainData:
     """Per-rank sample access for the trainer."""
 

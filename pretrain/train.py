@@ -167,6 +167,12 @@ def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
         raise ConfigError(str(e)) from e
     world_size = parallel.LaunchEnv.detect().world_size
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
+    try:
+        pipeline.check_layout(
+            cfg.data, vocab, seed=cfg.seed, micro_batch_size=cfg.train.micro_batch_size, dp_size=derived.dp
+        )
+    except pipeline.DataConfigError as e:
+        raise ConfigError(str(e)) from e
     m = cfg.model
     layout = dict(
         num_layers=m.num_layers,

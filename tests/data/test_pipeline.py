@@ -1,0 +1,125 @@
+"""The data pipeline inside the trainer: tokenizer -> prepare -> streamed shards ->
+`dlm train`, under data and tensor parallelism, with an exact resume of the stream."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from data.config import PrepareConfig, TokenizerConfig
+from tests.dist import QUIET, launch, read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    from data.prepare import run as prepare
+    from data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    tokenizer, _ = train_tokenizer(TokenizerConfig(input=[corpus], output=str(root / "tok"), vocab_size=512))
+    prepare(
+        PrepareConfig(
+            input=[corpus, str(Path(sysconfig.get_paths()["stdlib"]) / "email")],
+            output=str(root / "shards"),
+            tokenizer=str(tokenizer),
+            seq_len=64,
+            samples_per_shard=48,
+            eval_fraction=0.05,
+            workers=1,
+            progress=False,
+        )
+    )
+    return root / "shards", tokenizer
+
+
+def _config(dataset, run_dir: Path) -> list[str]:
+    shards, tokenizer = dataset
+    return [
+        "model=tiny",
+        "data.source=shards",
+        "data.name=stdlib-json",
+        f"data.sources=[{{path:{shards},weight:1.0}}]",
+        f"data.tokenizer={tokenizer}",
+        "data.seq_len=64",
+        "data.num_workers=1",
+        f"train.steps={STEPS}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.eval_every=3",
+        "train.eval_batches=1",
+        "checkpoint.every=3",
+        "checkpoint.keep=0",
+        "seed=5",
+        f"run.dir={run_dir}",
+        *QUIET,
+    ]
+
+
+def _same(rows, expected, keys=("loss", "grad_norm", "masked_acc")):
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        for key in keys:
+            assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), (got["step"], key)
+
+
+def test_dp2_stream_resumes_exactly(dataset, tmp_path):
+    """Two data-parallel ranks stream disjoint shards; 3 steps + checkpoint (with the
+    loader state) + resume + 3 steps == 6 steps, eval included."""
+    straight = tmp_path / "straight"
+    launch(2, _config(dataset, straight))
+    rows = [r for r in read_metrics(straight) if "loss" in r]
+    assert len(rows) == STEPS and rows[-1]["loss"] < rows[0]["loss"] + 1.0
+    evals = [r for r in read_metrics(straight) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    (resumed / "checkpoints" / "latest").write_text("step_3")
+    proc = launch(2, _config(dataset, resumed))
+    assert "resumed from" in proc.stdout
+    _same([r for r in read_metrics(resumed) if "loss" in r], rows[3:])
+    again = [r for r in read_metrics(resumed) if "eval_loss" in r]
+    assert again[-1]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+
+
+def test_tensor_parallel_peers_read_the_same_batches(dataset, tmp_path):
+    """TP=2 with one data-parallel replica must see exactly the single-process stream,
+    else its losses could not match."""
+    seed, single, tp2 = tmp_path / "seed", tmp_path / "single", tmp_path / "tp2"
+    launch(1, ["--seed-checkpoint", *_config(dataset, seed)])  # same initial weights for both
+    init = f"checkpoint.init_from={seed / 'checkpoints' / 'step_0'}"
+    launch(1, [*_config(dataset, single), "train.steps=3", init])
+    launch(2, [*_config(dataset, tp2), "train.steps=3", "parallel.tp=2", init])
+    _same([r for r in read_metrics(tp2) if "loss" in r], [r for r in read_metrics(single) if "loss" in r])
+
+
+def test_shards_from_another_tokenizer_are_refused(dataset, tmp_path):
+    from data.tokenizer import train_tokenizer
+
+    other, _ = train_tokenizer(
+        TokenizerConfig(
+            input=[sysconfig.get_paths()["stdlib"] + "/json"], output=str(tmp_path), vocab_size=400
+        )
+    )
+    overrides = [a for a in _config(dataset, tmp_path / "run") if not a.startswith("data.tokenizer=")]
+    proc = launch(1, [*overrides, f"data.tokenizer={other}"], check=False)
+    assert proc.returncode == 2
+    assert "data.tokenizer" in proc.stderr and "dlm prepare" in proc.stderr
+
+
+def test_a_stream_with_more_reader_slots_than_shard_groups_fails_fast(dataset, tmp_path):
+    # one group of 1000 shards cannot feed 2 data-parallel ranks
+    proc = launch(2, [*_config(dataset, tmp_path / "run"), "data.shuffle_shards=1000"], check=False)
+    assert proc.returncode != 0  # each rank exits 2; torchrun reports 1
+    assert "data.num_workers" in proc.stderr and "shuffle_shards=1000" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
