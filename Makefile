@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 RUN_DIR ?= runs/stdlib-cpu-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install data train test test-fast lint format bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,22 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+## The embedded corpus (this Python's standard library): a 4k BPE tokenizer, then shards
+## of 128 tokens (conf/data/stdlib_shards.yaml reads them). Both steps are idempotent.
+TOKENIZER := runs/data/tokenizer-stdlib/tokenizer.model
+SHARDS    := runs/data/stdlib-128/manifest.json
+
+$(TOKENIZER): | $(STAMP)
+	$(VENV)/bin/dlm tokenizer input=[stdlib] output=$(dir $(TOKENIZER)) vocab_size=4096
+
+$(SHARDS): $(TOKENIZER)
+	$(VENV)/bin/dlm prepare input=[stdlib] output=$(dir $(SHARDS)) tokenizer=$(TOKENIZER) \
+		seq_len=128 eval_fraction=0.01
+
+data: $(SHARDS)
+
 ## Train the default tiny DLM on this Python's standard library (CPU, a few minutes).
-train: install
+train: install data
 	$(VENV)/bin/dlm train experiment=stdlib_cpu run.dir=$(RUN_DIR) $(ARGS)
 
 ## Lint, then the whole test suite (multi-process tests included).

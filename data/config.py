@@ -41,7 +41,7 @@ class PrepareConfig:
     samples_per_shard: int = 4096
     eval_fraction: float = 0.0  # documents held out into eval-*.tar shards
     seed: int = 0  # which documents are held out
-    progress: bool = True
+    progress: bool = True  # a progress bar when stderr is a terminal
 
 
 @dataclass

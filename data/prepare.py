@@ -596,7 +596,13 @@ class _Run:
                 initargs=(str(cfg.tokenizer), self.tok.sha256, self.dtype, cfg.chunk_chars),
             )
         inflight: deque = deque()
-        bar = tqdm(desc="dlm prepare", unit=" docs", disable=not cfg.progress, mininterval=0.5, smoothing=0.1)
+        bar = tqdm(
+            desc="dlm prepare",
+            unit=" docs",
+            disable=None if cfg.progress else True,
+            mininterval=0.5,
+            smoothing=0.1,
+        )
         tokenize_start = time.perf_counter()
 
         def collect() -> None:
