@@ -236,6 +236,29 @@ def test_cli_resume_and_leftover_tmp(root, seed_checkpoint):
     assert "already at step 4" in proc.stdout
 
 
+def test_logit_shift_masked_only_under_tp2_equals_all_logits_in_one_process(root, seed_checkpoint, reference):
+    """model.logit_shift (AR-initialised DLMs): the masked-only output projection at the
+    shifted positions, vocab-parallel under TP=2, gives the losses of scoring every
+    position in one process; and the shift changes the objective."""
+    runs = {}
+    for name, nproc, extra in (("all", 1, ["objective.logits=all"]), ("tp2", 2, ["parallel.tp=2"])):
+        runs[name] = root / f"shift_{name}"
+        launch(
+            nproc,
+            [
+                *CONFIG,
+                "model.logit_shift=true",
+                "train.steps=3",
+                *extra,
+                f"run.dir={runs[name]}",
+                f"checkpoint.init_from={seed_checkpoint}",
+            ],
+        )
+    shifted = read_metrics(runs["all"])
+    _assert_same_steps(read_metrics(runs["tp2"]), shifted, "logit shift: tp2 masked vs all")
+    assert shifted[0]["loss"] != pytest.approx(read_metrics(reference)[0]["loss"], rel=1e-4)
+
+
 def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
     """bf16 weights and activations (Float16Module) with fp32 main params and Adam states
     in the DistributedOptimizer: the path GPUs take by default, runnable on CPU."""
@@ -245,9 +268,17 @@ def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
     )
     rows, ref = read_metrics(run_dir), read_metrics(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    # Step 1 sees the same weights: only bf16 rounding of the forward pass differs.
+    assert rows[0]["loss"] != ref[0]["loss"]  # really ran in bf16
+    assert math.isclose(rows[0]["loss"], ref[0]["loss"], rel_tol=2e-3), (rows[0]["loss"], ref[0]["loss"])
+    # Adam's first updates are ~lr * sign(grad): bf16 gradient noise flips the sign of
+    # small entries, so later steps drift by a few % (measured 3-4% at step 2, and bf16
+    # CPU kernels are not bit-reproducible between runs); the run must still learn.
     for got, want in zip(rows, ref, strict=True):
-        assert got["loss"] != want["loss"]  # really ran in bf16
-        assert math.isclose(got["loss"], want["loss"], rel_tol=3e-2), (got["step"], got["loss"], want["loss"])
+        assert math.isclose(got["loss"], want["loss"], rel_tol=8e-2), (got["step"], got["loss"], want["loss"])
+    assert all(r["update_applied"] for r in rows)
+    learned = rows[0]["loss"] - sum(r["loss"] for r in rows[-3:]) / 3
+    assert learned > 0.5 * (ref[0]["loss"] - sum(r["loss"] for r in ref[-3:]) / 3) > 0, learned
 
 
 @pytest.mark.gpu
