@@ -37,6 +37,8 @@ _EXPORTS = {
     "load_checkpoint": "parallel.checkpoint",
     "latest_checkpoint": "parallel.checkpoint",
     "prune_checkpoints": "parallel.checkpoint",
+    "save_model_checkpoint": "parallel.checkpoint",
+    "load_model_checkpoint": "parallel.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

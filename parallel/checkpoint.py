@@ -152,25 +152,36 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns `path` once it is complete and `latest`
     points at it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-
     sharded = {"model": engine.module.sharded_state_dict()}
     if include_optimizer:
         sharded["optimizer"] = engine.optimizer.sharded_state_dict(
             sharded["model"], metadata=SHARDING_METADATA
         )
+    meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
+    return _save(Path(path), sharded, meta, config_yaml)
+
+
+def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, world_size: int) -> Path:
+    """Collective: a model-only checkpoint without an engine (e.g. weights converted by
+    `dlm import-hf`), in the format of `save_checkpoint(..., include_optimizer=False)`."""
+    meta = {**state, "has_optimizer": False, "world_size": world_size}
+    return _save(Path(path), {"model": model.sharded_state_dict()}, meta, config_yaml)
+
+
+def _save(path: Path, sharded: dict, meta: dict, config_yaml: str) -> Path:
+    """Write `sharded` to `<path>.tmp/`, rename it to `path` when every rank is done, then
+    point `latest` at it (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{_rank()}.safetensors"))
     torch.distributed.barrier()
 
     if _rank() == 0:
-        meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         if path.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -218,3 +229,14 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
     for p in removed:
         shutil.rmtree(p)
     return removed
+
+
+def load_model_checkpoint(path: Path, model) -> dict:
+    """Collective: load only the model weights of a checkpoint saved under any layout into
+    this stage (`model`: a bare denoiser stage). Returns the checkpoint's state.json."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
+    torch.distributed.barrier()
+    return state

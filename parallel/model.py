@@ -135,9 +135,12 @@ class Denoiser(GPTModel):
         return logits
 
 
-def build_model(dims: ModelDims, topo: Topology, *, bf16: bool = False) -> Denoiser:
-    """One pipeline stage of the denoiser, on `topo.device`."""
+def build_model(dims: ModelDims, topo: Topology, *, bf16: bool = False, initialize: bool = True) -> Denoiser:
+    """One pipeline stage of the denoiser, on `topo.device`. `initialize=False` leaves the
+    weights uninitialised (they are about to be loaded or converted: no full-size master
+    weights are materialised on CPU, no time spent on random init)."""
     config = build_transformer_config(dims, topo, bf16=bf16)
+    config.perform_initialization = initialize
     model = Denoiser(
         config=config,
         transformer_layer_spec=build_layer_spec(dims),

@@ -42,6 +42,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention: str = "bidirectional"  # bidirectional | causal (to check an imported AR model)
+    logit_shift: bool = False  # position i predicts token i+1 (DiffuLLaMA/Dream, AR-initialised)
+    mask_token_id: int | None = None  # None: the tokenizer's mask token; set by `dlm import-hf`
     spec: str = "auto"  # auto (Transformer Engine if importable) | local | te
     recompute: str = "none"  # none | selective | full
 
@@ -153,6 +155,10 @@ def register() -> None:
     cs.store(name="schema", node=Config)
     cs.store(name="tokenizer_schema", node=TokenizerConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
+    from pretrain.convert import ExportHFConfig, ImportHFConfig  # imports this module: not at the top
+
+    cs.store(name="import_hf_schema", node=ImportHFConfig)
+    cs.store(name="export_hf_schema", node=ExportHFConfig)
 
 
 CHOICES = {
@@ -177,9 +183,57 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         node = compose(config_name=config_name, overrides=list(overrides or []))
+    if node.model.name == FROM_CHECKPOINT:
+        node.model = checkpoint_model(node, overrides or [])
     cfg: Config = OmegaConf.to_object(node)
     validate(cfg)
     return cfg
+
+
+FROM_CHECKPOINT = "from_checkpoint"  # conf/model/from_checkpoint.yaml
+
+
+def resolve_checkpoint(path: Path, key: str = "checkpoint.init_from") -> Path:
+    """A checkpoint directory from itself, a checkpoints/ directory or a run directory
+    (following the `latest` pointer)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "state.json").exists():
+            return candidate
+        pointer = candidate / "latest"
+        if pointer.exists():
+            found = candidate / pointer.read_text().strip()
+            if not (found / "state.json").exists():
+                raise ConfigError(f"{key}={path}: {pointer} names {found.name}, which has no state.json")
+            return found
+    raise ConfigError(f"{key}={path}: no checkpoint there (no state.json, no checkpoints/latest)")
+
+
+def checkpoint_model(node, overrides: list[str]):
+    """`model=from_checkpoint`: the model section saved with checkpoint.init_from (e.g. by
+    `dlm import-hf`), or with run.dir's latest checkpoint when resuming; `model.<key>=...`
+    overrides on the command line still apply (e.g. model.recompute=full)."""
+    if node.checkpoint.init_from:
+        path = resolve_checkpoint(Path(node.checkpoint.init_from)) / "config.yaml"
+    else:
+        try:  # resuming a run started from a checkpoint
+            path = resolve_checkpoint(Path(node.run.dir), "run.dir") / "config.yaml"
+        except ConfigError:
+            raise ConfigError(
+                f"model=from_checkpoint needs checkpoint.init_from=<checkpoint or run dir> "
+                f"(run.dir={node.run.dir} holds no checkpoint to resume either)"
+            ) from None
+    if not path.exists():
+        raise ConfigError(f"model=from_checkpoint: {path} is missing")
+    saved = OmegaConf.load(path).get("model")
+    if saved is None:
+        raise ConfigError(f"model=from_checkpoint: {path} has no model section")
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)
+    for item in overrides:
+        name = item.split("=", 1)[0].lstrip("+~")
+        if name.startswith("model.") and name != "model.name":
+            OmegaConf.update(model, name.removeprefix("model."), OmegaConf.select(node, name))
+    return model
 
 
 def load_command_config(name: str, overrides: list[str] | None = None):
@@ -189,6 +243,8 @@ def load_command_config(name: str, overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         node = compose(config_name=name, overrides=list(overrides or []))
     cfg = OmegaConf.to_object(node)  # raises MissingMandatoryValue naming e.g. 'output'
+    if name in ("import_hf", "export_hf"):  # checked by pretrain/convert.py
+        return cfg
     if not cfg.input:
         raise ConfigError(f"{name}: input=[...] is empty (files, directories, globs, stdlib, manpages)")
     if cfg.on_error not in ON_ERROR:
@@ -281,11 +337,16 @@ class Derived:
 
 
 def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int) -> Derived:
-    """Compute derived values and check the ones that can be wrong (naming the keys)."""
+    """Compute derived values and check the ones that can be wrong (naming the keys).
+    vocab_size and mask_id are the data's; model.vocab_size / model.mask_token_id win."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
     vocab = m.vocab_size or vocab_size
+    if m.mask_token_id is not None:
+        if not 0 <= m.mask_token_id < vocab:
+            raise ConfigError(f"model.mask_token_id={m.mask_token_id} is outside the vocabulary [0, {vocab})")
+        mask_id = m.mask_token_id
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by)
     if world_size % (p.tp * p.pp):
         raise ConfigError(

@@ -99,6 +99,28 @@ def mask_tokens(
     return noisy, is_masked
 
 
+def logit_positions(is_masked: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """[B, L] bool: the positions whose logits predict the masked tokens, in the same
+    row-major order. Without a shift, the masked positions themselves. With a logit
+    shift (DiffuLLaMA/Dream: position i predicts token i+1, as in the AR model a DLM was
+    initialised from), the positions just before them; position 0 then has no
+    predictor and must not be masked (`shift_maskable`)."""
+    if not shift:
+        return is_masked
+    if is_masked[:, 0].any():
+        raise ValueError("with a logit shift, position 0 cannot be masked (nothing predicts it)")
+    positions = torch.zeros_like(is_masked)
+    positions[:, :-1] = is_masked[:, 1:]
+    return positions
+
+
+def shift_maskable(shape: tuple[int, int], device=None) -> torch.Tensor:
+    """[B, L] bool for mask_tokens(maskable=...) under a logit shift: all but position 0."""
+    maskable = torch.ones(shape, dtype=torch.bool, device=device)
+    maskable[:, 0] = False
+    return maskable
+
+
 def diffusion_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -23,9 +23,9 @@ import parallel  # megatron-core is imported on first use of the engine function
 from data import pipeline
 from data.shards import ShardFormatError
 from parallel.topology import ConfigError
-from pretrain.config import Config, Derived, derive, load_config, model_dims, to_yaml
+from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
-from pretrain.objective import diffusion_loss, mask_tokens, sample_t
+from pretrain.objective import diffusion_loss, logit_positions, mask_tokens, sample_t, shift_maskable
 from pretrain.schedule import lr_at
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
@@ -62,14 +62,19 @@ def forward_step(run: Run, seed: int, batch: dict, model):
         eps=obj.eps,
         global_batch_size=run.cfg.train.global_batch_size,
     )
-    noisy, is_masked = mask_tokens(tokens, t, index, seed=seed, mask_id=run.derived.mask_id)
-    output = model(noisy, logit_positions=is_masked if obj.logits == "masked" else None)
-    return output, partial(loss_fn, run, tokens, is_masked, t.to(tokens.device))
+    shift = run.cfg.model.logit_shift
+    maskable = shift_maskable(tokens.shape, tokens.device) if shift else None
+    noisy, is_masked = mask_tokens(
+        tokens, t, index, seed=seed, mask_id=run.derived.mask_id, maskable=maskable
+    )
+    positions = logit_positions(is_masked, shift=shift)
+    output = model(noisy, logit_positions=positions if obj.logits == "masked" else None)
+    return output, partial(loss_fn, run, tokens, is_masked, positions, t.to(tokens.device))
 
 
-def loss_fn(run: Run, tokens, is_masked, t, output):
+def loss_fn(run: Run, tokens, is_masked, positions, t, output):
     obj = run.cfg.objective
-    logits = output if obj.logits == "masked" else output.transpose(0, 1)[is_masked]
+    logits = output if obj.logits == "masked" else output.transpose(0, 1)[positions]
     logits = logits.reshape(-1, logits.shape[-1])
     correct = run.engine.correct(logits, tokens[is_masked]).sum()  # before the in-place CE
     loss_sum, count = diffusion_loss(
@@ -165,6 +170,8 @@ def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
         vocab = pipeline.describe(cfg.data)
     except (pipeline.DataConfigError, ShardFormatError) as e:
         raise ConfigError(str(e)) from e
+    if cfg.checkpoint.init_from:
+        resolve_checkpoint(Path(cfg.checkpoint.init_from))  # exists, names a complete checkpoint
     world_size = parallel.LaunchEnv.detect().world_size
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     try:
@@ -265,17 +272,6 @@ def resume(run: Run) -> dict | None:
     if run.is_logging_rank:
         print(f"dlm train: {source}", flush=True)
     return data_state
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory from itself, a checkpoints/ directory or a run directory."""
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / "state.json").exists():
-            return candidate
-        found = parallel.latest_checkpoint(candidate) if (candidate / "latest").exists() else None
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"checkpoint.init_from={path}: no checkpoint there")
 
 
 def save(run: Run, *, include_optimizer: bool = True) -> Path:

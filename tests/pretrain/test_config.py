@@ -83,7 +83,7 @@ def _layer_params(m) -> int:
 
 
 # -- every preset composes ----------------------------------------------------------------------
-GROUP_OPTIONS = [(g, n) for g in GROUPS for n in _options(g)]
+GROUP_OPTIONS = [(g, n) for g in GROUPS for n in _options(g) if (g, n) != ("model", "from_checkpoint")]
 EXPERIMENTS = _options("experiment")
 
 
@@ -315,7 +315,7 @@ def test_derive_padded_vocab_independent_of_tp(divisible_by):
     assert len(padded) == 1
 
 
-@pytest.mark.parametrize("model", _options("model"))
+@pytest.mark.parametrize("model", [m for m in _options("model") if m != "from_checkpoint"])
 def test_derive_flops_per_token(model):
     cfg = load_config([f"model={model}"])
     d = derive(cfg, 1, vocab_size=32000, mask_id=0)
@@ -369,3 +369,45 @@ def test_cli_bad_config_fails_fast(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists(), "nothing should be written before the config is checked"
     assert elapsed < 90
+
+
+# -- model=from_checkpoint ---------------------------------------------------------------------------
+def _fake_checkpoint(root, **model) -> None:
+    """A run dir whose latest checkpoint carries a config.yaml (what import-hf writes)."""
+    from pretrain.config import to_yaml
+
+    cfg = load_config(["model=small", *(f"model.{k}={v}" for k, v in model.items())])
+    step = root / "checkpoints" / "step_0"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (step / "config.yaml").write_text(to_yaml(cfg))
+    (root / "checkpoints" / "latest").write_text("step_0")
+
+
+def test_model_from_checkpoint_adopts_the_saved_model_and_applies_model_overrides(tmp_path):
+    _fake_checkpoint(tmp_path, name="imported", logit_shift=True, mask_token_id=7, qkv_bias=True)
+    cfg = load_config(["model=from_checkpoint", f"checkpoint.init_from={tmp_path}", "model.recompute=full"])
+    small = load_config(["model=small"]).model
+    assert cfg.model.name == "imported"
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == (small.hidden_size, small.num_layers)
+    assert cfg.model.logit_shift and cfg.model.qkv_bias and cfg.model.mask_token_id == 7
+    assert cfg.model.recompute == "full"  # the command line still wins
+    derived = derive(cfg, 1, vocab_size=300, mask_id=4)
+    assert derived.mask_id == 7  # model.mask_token_id wins over the tokenizer's
+
+
+def test_model_from_checkpoint_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+        load_config(["model=from_checkpoint"])
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        load_config(["model=from_checkpoint", f"checkpoint.init_from={tmp_path}"])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_9")
+    with pytest.raises(ConfigError, match="step_9"):
+        load_config(["model=from_checkpoint", f"checkpoint.init_from={tmp_path}"])
+
+
+def test_mask_token_id_outside_the_vocabulary_is_refused():
+    cfg = load_config(["model.mask_token_id=400"])
+    with pytest.raises(ConfigError, match="model.mask_token_id=400"):
+        derive(cfg, 1, vocab_size=300, mask_id=4)

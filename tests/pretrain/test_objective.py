@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from pretrain.objective import diffusion_loss, mask_tokens, mix_seed, sample_t
+from pretrain.objective import (
+    diffusion_loss,
+    logit_positions,
+    mask_tokens,
+    mix_seed,
+    sample_t,
+    shift_maskable,
+)
 
 MASK_ID = 999
 EPS = 1e-3
@@ -546,3 +553,35 @@ def test_mix_seed_sensitive_to_number_of_parts():
 def test_mix_seed_has_no_collisions_on_small_grid():
     seen = {mix_seed(s, stream, i) for s in range(8) for stream in range(4) for i in range(64)}
     assert len(seen) == 8 * 4 * 64
+
+
+# -- logit shift (AR-initialised DLMs: position i predicts token i+1) ---------------------------
+def test_logit_shift_scores_masked_token_j_with_the_logits_of_position_j_minus_1():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 7, 11
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    logits = torch.randn(B, L, V, generator=g)
+    t = torch.tensor([0.3, 0.6, 0.9])
+    _, is_masked = mask_tokens(
+        tokens, t, torch.arange(B), seed=1, mask_id=V - 1, maskable=shift_maskable((B, L))
+    )
+    assert not is_masked[:, 0].any() and is_masked.sum() > 3
+    positions = logit_positions(is_masked, shift=True)
+    loss_sum, _ = diffusion_loss(logits[positions], tokens, is_masked, t, weighting="elbo")
+    hand = sum(
+        torch.nn.functional.cross_entropy(logits[b, j - 1], tokens[b, j]) / t[b]
+        for b in range(B)
+        for j in range(1, L)
+        if is_masked[b, j]
+    )
+    assert float(loss_sum) == pytest.approx(float(hand), rel=1e-6)
+    # and it differs from the unshifted loss on the same logits
+    unshifted, _ = diffusion_loss(logits[is_masked], tokens, is_masked, t, weighting="elbo")
+    assert float(unshifted) != pytest.approx(float(hand), rel=1e-3)
+
+
+def test_logit_shift_without_shift_is_the_identity_and_refuses_a_masked_position_0():
+    is_masked = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    assert torch.equal(logit_positions(is_masked, shift=False), is_masked)
+    with pytest.raises(ValueError, match="position 0"):
+        logit_positions(is_masked, shift=True)
