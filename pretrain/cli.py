@@ -11,6 +11,9 @@ commands:
   prepare    tokenize, pack and shard a corpus into webdataset tars    conf/prepare.yaml
   train      pretrain a masked diffusion LM                            conf/config.yaml
              --seed-checkpoint: write step_0 weights and stop
+  import-hf  Hugging Face Llama/Mistral/Qwen2 -> sharded DLM checkpoint conf/import_hf.yaml
+  export-hf  DLM checkpoint -> Hugging Face model + tokenizer           conf/export_hf.yaml
+  sample     generate with an exported model (LLaDA-style remasking)   conf/sample.yaml
 
 examples:
   dlm tokenizer input=[stdlib] output=data/tok vocab_size=8000
@@ -57,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if command in ("tokenizer", "prepare"):
         return run_data_command(command, rest)
+    if command in ("import-hf", "export-hf"):
+        from pretrain import convert
+
+        return convert.import_main(rest) if command == "import-hf" else convert.export_main(rest)
+    if command == "sample":
+        from pretrain.sample import main as sample_main
+
+        return sample_main(rest)
     print(f"dlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
