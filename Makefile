@@ -27,7 +27,7 @@ $(TOKENIZER): | $(STAMP)
 
 $(SHARDS): $(TOKENIZER)
 	$(VENV)/bin/dlm prepare input=[stdlib] output=$(dir $(SHARDS)) tokenizer=$(TOKENIZER) \
-		seq_len=128 eval_fraction=0.01
+		seq_len=128 eval_fraction=0.01 samples_per_shard=256
 
 data: $(SHARDS)
 
