@@ -51,8 +51,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+## Benchmarks print figures (never asserted): trainer, data pipeline, HF conversion.
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/prepare_throughput.py
+	$(PY) bench/loader_throughput.py
+	$(PY) bench/convert_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
