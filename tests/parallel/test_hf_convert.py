@@ -307,6 +307,40 @@ def test_export_of_a_tp2_trained_run(root):
     assert (_hf_logits(out, changed)[:, 0] - got[:, 0]).abs().max() > 1e-5
 
 
+@pytest.mark.slow
+def test_imported_model_trains_exports_and_samples(root, imported):
+    """The whole AR -> DLM path: an imported Llama (appended mask row, logit shift) trained
+    with model=from_checkpoint, exported, and sampled with plain transformers."""
+    from pretrain.sample import generate_ids, load
+
+    imported_dir, run_dir, out = root / "tp1" / "llama", root / "from-import", root / "from-import-hf"
+    overrides = [a for a in TRAIN if not a.startswith(("model=", "parallel."))]
+    launch(
+        1,
+        [
+            "train",
+            *overrides,
+            "model=from_checkpoint",
+            f"checkpoint.init_from={imported_dir}",
+            f"run.dir={run_dir}",
+        ],
+        module="pretrain.cli",
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    derived = json.loads((run_dir / "derived.json").read_text())
+    assert derived["mask_id"] == VOCAB and derived["vocab_size"] == VOCAB + 1
+    launch(1, ["export-hf", f"checkpoint={run_dir}", f"output={out}"], module="pretrain.cli")
+    config = json.loads((out / "config.json").read_text())
+    assert config["dlm"]["logit_shift"] and config["dlm"]["mask_token_id"] == VOCAB
+    assert config["dlm"]["source_architecture"] == "LlamaForCausalLM"
+    want = spawn(_trained_logits, 1, str(run_dir), INPUT, timeout=300)[0]
+    assert (_hf_logits(out) - want).abs().max().item() < ATOL
+    model, _ = load(out)
+    ids = generate_ids(model, INPUT[0, :4], gen_length=8, steps=8, block_length=4, vocab_size=VOCAB)
+    assert ids.shape == (1, 12) and torch.equal(ids[0, :4], INPUT[0, :4]) and not (ids == VOCAB).any()
+
+
 # -- bad inputs: clear errors, nothing written (no process group is ever created) ----------------------
 def _run_import(argv: list[str], capsys) -> tuple[int, str]:
     from pretrain.convert import import_main
