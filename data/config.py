@@ -32,7 +32,9 @@ class TokenizerConfig:
 class PrepareConfig:
     input: list[str] = field(default_factory=list)
     output: str = MISSING  # directory for *.tar shards and manifest.json
-    tokenizer: str = MISSING  # the sentencepiece .model written by `dlm tokenizer`
+    # a `dlm tokenizer` .model, or a Hugging Face tokenizer.json or a directory holding one
+    # (e.g. <import>/tokenizer/ of `dlm import-hf`); special ids from its tokenizer_config.json
+    tokenizer: str = MISSING
     seq_len: int = 2048
     jsonl_field: str = "text"
     on_error: str = "skip"  # skip | fail

@@ -29,9 +29,9 @@ class DataConfigError(ValueError):
 @dataclass(frozen=True)
 class Vocabulary:
     vocab_size: int
-    mask_id: int
+    mask_id: int | None  # None: the tokenizer declares none (model.mask_token_id must)
     eos_id: int
-    pad_id: int
+    pad_id: int | None
     tokenizer_sha256: str | None
     summary: str
 
@@ -54,9 +54,9 @@ def describe(cfg) -> Vocabulary:
                 f"tokenizers ({manifest['tokenizer']['sha256'][:12]} vs {first['sha256'][:12]})"
             )
     if cfg.tokenizer:
-        from data.tokenizer import Tokenizer
+        from data.tokenizer import load_tokenizer
 
-        sha = Tokenizer(cfg.tokenizer).sha256
+        sha = load_tokenizer(cfg.tokenizer).sha256
         if sha != first["sha256"]:
             raise DataConfigError(
                 f"data.tokenizer={cfg.tokenizer} (sha256 {sha[:12]}) is not the tokenizer "
@@ -67,9 +67,9 @@ def describe(cfg) -> Vocabulary:
     names = ", ".join(f"{s.path} x{s.weight:g}" for s in cfg.sources)
     return Vocabulary(
         first["vocab_size"],
-        first["mask_id"],
+        first.get("mask_id"),
         first["eos_id"],
-        first["pad_id"],
+        first.get("pad_id"),
         first["sha256"],
         f"shards [{names}]: {samples:,} train samples",
     )

@@ -2,6 +2,9 @@
 
     dlm prepare input=[a.jsonl,dir/] output=DIR tokenizer=DIR/tokenizer.model seq_len=2048
 
+`tokenizer` is a `dlm tokenizer` .model or a Hugging Face tokenizer.json (or a directory
+holding one, e.g. `<import>/tokenizer/` of `dlm import-hf`): data.tokenizer.load_tokenizer.
+
 Pipeline (the on-disk format is data/shards.py):
 
 - read (main process): every resolved input file through its own
@@ -11,7 +14,7 @@ Pipeline (the on-disk format is data/shards.py):
   initializer loads the Tokenizer once per process; at most 2 * workers batches in flight,
   results taken back in submission order, i.e. an ordered imap with back-pressure), or
   encoded in-process when workers=1 (workers start with `fork` where available: ~0.1 s
-  instead of ~2 s for `spawn`; sentencepiece runs single-threaded in each). Each document
+  instead of ~2 s for `spawn`; the tokenizer runs single-threaded in each). Each document
   is cut into pieces of <= chunk_chars characters (`split_text`: after the last newline of
   the window's second half, else before the last run of spaces, else a hard cut) whose ids
   are concatenated, then EOS is appended.
@@ -90,7 +93,7 @@ import numpy as np
 from data.config import PrepareConfig
 from data.shards import FORMAT, MANIFEST, SPLITS, segment_ids, shard_name, token_dtype, write_shard
 from data.sources import EMBEDDED, MAX_EXAMPLES, DocumentReader, resolve_inputs
-from data.tokenizer import Tokenizer
+from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 PREPARE_VERSION = 1  # bump when a code change alters the bytes written for the same config
 STATE = "prepare.state.json"
@@ -156,13 +159,16 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer: str, sha256: str, dtype: str, chunk_chars: int) -> None:
-    tok = Tokenizer(tokenizer)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers: the processes are the parallelism
+    tok = load_tokenizer(tokenizer)
     if tok.sha256 != sha256:
         raise RuntimeError(f"tokenizer {tokenizer} changed while `dlm prepare` was running")
     _WORKER.update(tok=tok, dtype=dtype, chunk_chars=chunk_chars)
 
 
-def _encode(tok: Tokenizer, dtype: str, chunk_chars: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    tok: Tokenizer | HFTokenizer, dtype: str, chunk_chars: int, texts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(per-document token counts incl. EOS (0: no ids, no EOS), flat ids in `dtype`)."""
     pieces, counts = [], []
     for text in texts:
@@ -170,7 +176,7 @@ def _encode(tok: Tokenizer, dtype: str, chunk_chars: int, texts: list[str]) -> t
         pieces.extend(cut)
         counts.append(len(cut))
     # One thread per process: the processes are the parallelism (cfg.workers).
-    encoded = tok.sp.encode(pieces, num_threads=1, return_type="numpy")
+    encoded = tok.encode_batch_numpy(pieces)
     eos = np.array([tok.eos_id], dtype=np.int64)
     parts, lengths, i = [], np.zeros(len(texts), dtype=np.int64), 0
     for d, count in enumerate(counts):
@@ -301,7 +307,7 @@ def _resolve(cfg: PrepareConfig) -> list[_Input]:
     return files
 
 
-def _configuration(cfg: PrepareConfig, tok: Tokenizer, files: list[_Input]) -> tuple[dict, str]:
+def _configuration(cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list[_Input]) -> tuple[dict, str]:
     listing = [[os.path.abspath(f.path), f.size, f.mtime_ns] for f in files]
     inputs_sha = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     config = {
@@ -445,7 +451,7 @@ class _Run:
         self.cfg = cfg
         self.start = time.perf_counter()
         self.out = Path(cfg.output)
-        self.tok = Tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
+        self.tok = load_tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
         self.dtype = token_dtype(self.tok.vocab_size)
         self.files = _resolve(cfg)
         self.config, self.config_hash = _configuration(cfg, self.tok, self.files)

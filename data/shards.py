@@ -17,7 +17,8 @@ and renamed when complete.
 manifest.json (FORMAT "dlm-shards/1"), written last::
 
   format, seq_len, dtype,
-  tokenizer: {path, sha256, vocab_size, pad_id, bos_id, eos_id, mask_id},
+  tokenizer: {path, sha256, vocab_size, pad_id, bos_id, eos_id, mask_id} (pad/bos/mask null when
+    a Hugging Face tokenizer declares none),
   splits: {train|eval: {shards: [{name, samples, tokens, bytes, sha256}], samples, tokens}},
   documents_read, documents_written, documents_skipped: {reason: count},
   skipped_examples: ["file[:line]: reason (detail)", ...],

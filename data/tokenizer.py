@@ -10,6 +10,11 @@ Reserved ids, the same in every tokenizer this writes:
 `<output>/<name>.model` the command writes the equivalent Hugging Face tokenizer
 (`tokenizer.json` and friends, see data/hf_tokenizer.py) so that an exported model
 ships a tokenizer `transformers.AutoTokenizer` loads offline.
+
+`load_tokenizer(path)` is what `dlm prepare` and `dlm train data.tokenizer=` use: a
+`.model` file is such a sentencepiece model (`Tokenizer`); a `tokenizer.json`, or a
+directory holding one (an imported model's `<import>/tokenizer/`), is a Hugging Face
+tokenizer (`HFTokenizer`, the `tokenizers` library only) with the same interface.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from data.config import TokenizerConfig
@@ -53,6 +59,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
+    def encode_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
+        """One int array per text, single-threaded (the caller's processes are the parallelism)."""
+        return self.sp.encode(texts, num_threads=1, return_type="numpy")
+
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -66,6 +76,88 @@ class Tokenizer:
             "eos_id": self.eos_id,
             "mask_id": self.mask_id,
         }
+
+
+HF_SPECIAL = ("pad_token", "bos_token", "eos_token", "mask_token")
+HF_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")  # the later one wins, as in transformers
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (via `tokenizers`, no transformers), with the special
+    ids named in the tokenizer_config.json / special_tokens_map.json beside it. Encoding adds
+    no special tokens and, like `AutoTokenizer(text, add_special_tokens=False)`, turns the
+    text of a special token into its id unless tokenizer_config sets split_special_tokens.
+    eos is required (`dlm prepare` ends every document with it); pad/bos/mask may be None."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        self.path = path / "tokenizer.json" if path.is_dir() else path
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer {self.path} does not exist")
+        data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.hf = Backend.from_str(data.decode("utf-8"))
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        specials: dict = {}
+        read = []
+        for name in HF_CONFIGS:
+            config = self.path.parent / name
+            if config.is_file():
+                read.append(config)
+                try:
+                    values = json.loads(config.read_text())
+                except ValueError as e:
+                    raise ValueError(f"tokenizer {self.path}: {config} is not valid JSON: {e}") from None
+                specials.update({k: values[k] for k in HF_SPECIAL if values.get(k) is not None})
+                if name == "tokenizer_config.json" and values.get("split_special_tokens"):
+                    self.hf.encode_special_tokens = True
+        ids = {}
+        for key in HF_SPECIAL:
+            token = specials.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            ids[key] = self.hf.token_to_id(token) if token else None
+            if token and ids[key] is None:
+                raise ValueError(f"tokenizer {self.path}: {key} {token!r} is not in its vocabulary")
+        if ids["eos_token"] is None:
+            where = " / ".join(str(c) for c in read) or str(self.path.parent / HF_CONFIGS[0])
+            raise ValueError(
+                f"tokenizer {self.path}: no eos_token declared in {where} "
+                "(`dlm prepare` ends every document with it)"
+            )
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (ids[k] for k in HF_SPECIAL)
+        self.name = self.path.parent.name if self.path.name == "tokenizer.json" else self.path.stem
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
+        return [
+            np.asarray(e.ids, dtype=np.int64) for e in self.hf.encode_batch(texts, add_special_tokens=False)
+        ]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    describe = Tokenizer.describe
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+    """A `.model` (sentencepiece, `dlm tokenizer`) or a Hugging Face tokenizer: a
+    `tokenizer.json`, or a directory containing one."""
+    path = Path(path)
+    if path.is_dir() or path.name.endswith(".json"):
+        if path.is_dir() and not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"tokenizer {path} is a directory without a tokenizer.json "
+                "(give a sentencepiece .model, a tokenizer.json or a directory holding one)"
+            )
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 def _sentences(reader: DocumentReader, max_bytes: int) -> Iterator[str]:

@@ -59,7 +59,8 @@ class DataConfig:
     max_bytes: int | None = None  # bytes sources: read at most this many bytes
     eval_fraction: float = 0.01  # bytes sources: held-out windows
     sources: list[SourceConfig] = field(default_factory=list)  # shards: datasets and weights
-    tokenizer: str | None = None  # shards: the .model the shards must have been made with
+    # shards: the tokenizer they were made with (a .model, a tokenizer.json or a directory holding one)
+    tokenizer: str | None = None
     num_workers: int = 2  # shards: DataLoader workers per rank
     shuffle_shards: int = 2  # shards: this many shards are shuffled together
 
@@ -336,9 +337,10 @@ class Derived:
         return asdict(self)
 
 
-def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int) -> Derived:
+def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None) -> Derived:
     """Compute derived values and check the ones that can be wrong (naming the keys).
-    vocab_size and mask_id are the data's; model.vocab_size / model.mask_token_id win."""
+    vocab_size and mask_id are the data's (mask_id None: a Hugging Face tokenizer without
+    a mask token); model.vocab_size / model.mask_token_id win."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
@@ -347,6 +349,11 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int) -> De
         if not 0 <= m.mask_token_id < vocab:
             raise ConfigError(f"model.mask_token_id={m.mask_token_id} is outside the vocabulary [0, {vocab})")
         mask_id = m.mask_token_id
+    elif mask_id is None:
+        raise ConfigError(
+            "the tokenizer declares no mask token: set model.mask_token_id "
+            "(dlm import-hf records it; model=from_checkpoint adopts it)"
+        )
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by)
     if world_size % (p.tp * p.pp):
         raise ConfigError(

@@ -378,8 +378,9 @@ def find_tokenizer(checkpoint: Path, config, state: dict) -> tuple[Path | None, 
         data = cfg.data
         if data.source == "shards":
             model = data.tokenizer or _manifest_tokenizer(data)
-            if model and (Path(model).parent / "tokenizer.json").is_file():
-                return Path(model).parent, f"copied from {Path(model).parent} (HF twin of {Path(model).name})"
+            folder = Path(model) if model and Path(model).is_dir() else Path(model or ".").parent
+            if model and (folder / "tokenizer.json").is_file():
+                return folder, f"copied from {folder} (the tokenizer of {model})"
             return None, f"no tokenizer.json next to {model} (run `dlm tokenizer` to write it): none written"
         if ckpt is checkpoint and data.source in ("stdlib", "text") and not cfg.checkpoint.init_from:
             return None, BYTE_TOKENIZER_NOTE

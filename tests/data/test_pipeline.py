@@ -123,3 +123,48 @@ def test_a_stream_with_more_reader_slots_than_shard_groups_fails_fast(dataset, t
     assert proc.returncode != 0  # each rank exits 2; torchrun reports 1
     assert "data.num_workers" in proc.stderr and "shuffle_shards=1000" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_hugging_face_tokenizer_prepare_and_train(tmp_path):
+    """A tokenizer.json without a mask token (as an imported AR model's): `dlm prepare`
+    with it, then `dlm train` with model.mask_token_id an appended row; without it, exit 2."""
+    from data.prepare import run as prepare
+    from data.tokenizer import HFTokenizer
+    from tests.data.test_tokenizer import build_hf_tokenizer
+
+    hf_dir = build_hf_tokenizer(tmp_path / "tokenizer")
+    vocab = HFTokenizer(hf_dir).vocab_size
+    manifest = prepare(
+        PrepareConfig(
+            input=[str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
+            output=str(tmp_path / "shards"),
+            tokenizer=str(hf_dir),
+            seq_len=64,
+            samples_per_shard=16,
+            workers=1,
+            progress=False,
+        )
+    )
+    assert manifest["tokenizer"]["mask_id"] is None
+    overrides = [
+        "model=tiny",
+        "data.source=shards",
+        f"data.sources=[{{path:{tmp_path / 'shards'},weight:1.0}}]",
+        f"data.tokenizer={hf_dir}",
+        "data.seq_len=64",
+        "data.num_workers=1",
+        "train.steps=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.eval_every=0",
+        f"model.vocab_size={vocab + 1}",
+        *QUIET,
+    ]
+    run_dir = tmp_path / "run"
+    launch(1, [*overrides, f"model.mask_token_id={vocab}", f"run.dir={run_dir}"])
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    proc = launch(1, [*overrides, f"run.dir={tmp_path / 'nomask'}"], check=False)
+    assert proc.returncode == 2
+    assert "declares no mask token" in proc.stderr and "model.mask_token_id" in proc.stderr
+    assert not (tmp_path / "nomask" / "checkpoints").exists()

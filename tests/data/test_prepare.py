@@ -588,3 +588,74 @@ def test_cli_end_to_end(corpus, tok_path, tmp_path):
     assert f"tokenizer {tmp_path / 'nope.model'} does not exist" in missing.stderr
     fail = _dlm(f"input=[{inputs}]", f"output={tmp_path / 'o3'}", f"tokenizer={tok_path}", "on_error=fail")
     assert fail.returncode == 1 and f"{inputs}/blob.bin: binary_file" in fail.stderr
+
+
+# -- Hugging Face tokenizers -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    from tests.data.test_tokenizer import build_hf_tokenizer
+
+    return build_hf_tokenizer(tmp_path_factory.mktemp("hf") / "tokenizer")
+
+
+def test_hf_tokenizer_shards_reproduce_the_documents(many, corpus, hf_dir, tmp_path):
+    from data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(hf_dir)
+    inputs = [corpus[0], many]
+    out = tmp_path / "out"
+    m = run(_cfg(inputs, out, hf_dir, eval_fraction=0.2, seed=1, workers=2))
+    assert m["dtype"] == "uint16" and m["tokenizer"] == tok.describe()
+    assert m["tokenizer"]["sha256"] == hashlib.sha256((hf_dir / "tokenizer.json").read_bytes()).hexdigest()
+    assert m["tokenizer"]["mask_id"] is None and m["tokenizer"]["eos_id"] == 0
+    assert m["documents_read"] == m["documents_written"] + sum(m["documents_skipped"].values())
+    assert m["documents_written"] == corpus[1]["written"] + 301
+    streams = {s: _stream(out, s)[0].reshape(-1) for s in ("train", "eval")}
+    docs = _expected(tok, inputs)
+    assigned = _assign(docs, streams, 1, 0.2)
+    texts = [doc.text for doc in DocumentReader([str(i) for i in inputs])]
+    for split, stream in streams.items():
+        assert m["splits"][split]["tokens"] == stream.size and m["splits"][split]["documents"] == len(
+            assigned[split]
+        )
+        # decoding the stream gives the split's documents, each followed by EOS
+        ends = np.flatnonzero(stream == tok.eos_id)
+        assert len(ends) >= len(assigned[split]) - 1
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
+            assert tok.decode(stream[a:b]) == texts[assigned[split][k]]
+    assert m["tokens"] == m["samples"] * 64 == sum(s.size for s in streams.values())
+    # the same tokenizer named by its tokenizer.json, in one process: identical bytes
+    same = run(_cfg(inputs, tmp_path / "json", hf_dir / "tokenizer.json", eval_fraction=0.2, seed=1))
+    assert same["config_hash"] == m["config_hash"]
+    assert {**same, "config": None} == {**m, "config": None}  # config.tokenizer: the path as given
+    shards, again = _contents(out), _contents(tmp_path / "json")
+    assert again.pop("manifest.json") != shards.pop("manifest.json") and again == shards
+
+
+def test_hf_tokenizer_cli_and_errors(many, hf_dir, tmp_path):
+    from tests.data.test_tokenizer import build_hf_tokenizer
+
+    proc = _dlm(f"input=[{many}]", f"output={tmp_path / 'out'}", f"tokenizer={hf_dir}", "seq_len=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_manifest(tmp_path / "out")["tokenizer"]["path"] == str(hf_dir / "tokenizer.json")
+    no_eos = build_hf_tokenizer(tmp_path / "noeos", eos=None)
+    proc = _dlm(f"input=[{many}]", f"output={tmp_path / 'o2'}", f"tokenizer={no_eos}")
+    assert proc.returncode == 1 and "no eos_token" in proc.stderr
+    assert str(no_eos / "tokenizer_config.json") in proc.stderr
+
+
+def test_large_vocabulary_hf_tokenizer_writes_uint32(many, tmp_path):
+    from data.tokenizer import HFTokenizer
+    from tests.data.test_tokenizer import build_hf_tokenizer
+
+    big = build_hf_tokenizer(tmp_path / "big", extra_tokens=66_000)
+    doc = "top \u260365999\u2603 and \u26030\u2603 end"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(doc)
+    m = run(_cfg([tmp_path / "in", many], tmp_path / "out", big, seq_len=16))
+    assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 66_500
+    stream = _stream(tmp_path / "out", "train")[0].reshape(-1)
+    tok = HFTokenizer(big)
+    first = stream[: int(np.argmax(stream == tok.eos_id))]
+    assert 66_499 in first.tolist() and tok.decode(first) == doc

@@ -512,3 +512,113 @@ def test_training_is_deterministic(trained, tmp_path, model_type):
     hf_tokenizer.export_hf(Tokenizer(path), tmp_path)
     for name in HF_FILES:
         assert (tmp_path / name).read_bytes() == (tok.path.parent / name).read_bytes(), name
+
+
+# -- Hugging Face tokenizers (tokenizer.json) for `dlm prepare` / `dlm train` -------------------------------
+def build_hf_tokenizer(
+    out: Path,
+    *,
+    vocab_size: int = 500,
+    eos: str | None = "</s>",
+    mask: str | None = None,
+    extra_tokens: int = 0,
+    config: str = "tokenizer_config.json",
+) -> Path:
+    """A tiny byte-level BPE trained on stdlib/json, saved as `out/tokenizer.json` with the
+    special tokens named in `out/<config>` (tokenizer_config.json or special_tokens_map.json)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    hf = Backend(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = [t for t in ("</s>", mask) if t]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train([str(p) for p in sorted((STDLIB / "json").glob("*.py"))], trainer)
+    if extra_tokens:
+        hf.add_tokens([f"\u2603{i}\u2603" for i in range(extra_tokens)])
+    hf.save(str(out / "tokenizer.json"))
+    values = {"eos_token": eos}
+    if mask:  # special_tokens_map.json: the dict form
+        values["mask_token"] = {"content": mask, "special": True} if config.startswith("special") else mask
+    (out / config).write_text(json.dumps(values))
+    return out
+
+
+def test_load_tokenizer_dispatches_on_the_path(trained, tmp_path):
+    from data.tokenizer import HFTokenizer, load_tokenizer
+
+    sp = trained["bpe"][0]
+    assert type(load_tokenizer(sp.path)) is Tokenizer
+    hf_dir = build_hf_tokenizer(tmp_path / "hf")
+    for path in (hf_dir, hf_dir / "tokenizer.json"):
+        tok = load_tokenizer(path)
+        assert isinstance(tok, HFTokenizer) and tok.path == hf_dir / "tokenizer.json" and tok.name == "hf"
+    with pytest.raises(FileNotFoundError, match="without a tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("mask", [None, "<mask>"])
+def test_hf_tokenizer_ids_equal_tokenizers_and_auto_tokenizer(tmp_path, held_out, mask):
+    import hashlib
+
+    from tokenizers import Tokenizer as Backend
+    from transformers import AutoTokenizer
+
+    from data.tokenizer import HFTokenizer
+
+    out = build_hf_tokenizer(tmp_path / "hf", mask=mask)
+    tok = HFTokenizer(out)
+    backend = Backend.from_file(str(out / "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(str(out))
+    d = tok.describe()
+    assert d["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert d["vocab_size"] == backend.get_vocab_size(with_added_tokens=True) == len(auto) == 500
+    assert d["eos_id"] == backend.token_to_id("</s>") == auto.eos_token_id == 0
+    assert d["pad_id"] is None and d["bos_id"] is None
+    assert d["mask_id"] == (backend.token_to_id(mask) if mask else None) == auto.mask_token_id
+    texts = [*held_out[:20], UNICODE_TEXT, "", " ", "a </s> b", *EDGE_CASES]
+    batch = tok.encode_batch(texts)
+    arrays = tok.encode_batch_numpy(texts)
+    for text, ids, arr in zip(texts, batch, arrays, strict=True):
+        assert ids == tok.encode(text) == backend.encode(text, add_special_tokens=False).ids
+        assert ids == auto(text, add_special_tokens=False).input_ids
+        assert arr.tolist() == ids
+        assert tok.decode(ids) == text
+
+
+def test_hf_tokenizer_special_tokens_map_and_errors(tmp_path):
+    from data.tokenizer import HFTokenizer
+
+    mapped = build_hf_tokenizer(tmp_path / "map", mask="[MASK]", config="special_tokens_map.json")
+    tok = HFTokenizer(mapped)
+    assert tok.eos_id == 0 and tok.mask_id == 1
+    none = build_hf_tokenizer(tmp_path / "noeos", eos=None)
+    with pytest.raises(ValueError, match="no eos_token") as e:
+        HFTokenizer(none)
+    assert str(none / "tokenizer_config.json") in str(e.value)
+    (none / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="no eos_token") as e:
+        HFTokenizer(none / "tokenizer.json")
+    assert str(none / "tokenizer_config.json") in str(e.value)
+    (none / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not-there|>"}))
+    with pytest.raises(ValueError, match="not in its vocabulary"):
+        HFTokenizer(none)
+
+
+def test_token_dtype_widens_past_uint16(tmp_path):
+    from data.shards import token_dtype
+    from data.tokenizer import HFTokenizer
+
+    assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
+    big = HFTokenizer(build_hf_tokenizer(tmp_path / "big", extra_tokens=66_000))
+    assert big.vocab_size == 66_500 and token_dtype(big.vocab_size) == "uint32"
+    assert big.encode("\u260365999\u2603") == [66_499]
