@@ -91,6 +91,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import PrepareConfig
+from data.files import write_atomic
 from data.shards import FORMAT, MANIFEST, SPLITS, segment_ids, shard_name, token_dtype, write_shard
 from data.sources import EMBEDDED, MAX_EXAMPLES, DocumentReader, resolve_inputs
 from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -268,24 +269,6 @@ class _Split:
 
 
 # -- files -------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
 
@@ -471,7 +454,7 @@ class _Run:
         carries = {s: self.splits[s].carry() for s in SPLITS}
         data = b"".join(carries[s].astype(np.dtype(self.dtype).newbyteorder("<")).tobytes() for s in SPLITS)
         name = f"prepare.state.{self.generation:06d}.bin"
-        _atomic_write(self.out / name, data)
+        write_atomic(self.out / name, data)
         state = {
             "format": STATE_FORMAT,
             "config_hash": self.config_hash,
@@ -487,7 +470,7 @@ class _Run:
             "splits": {s: self.splits[s].summary() for s in SPLITS},
             "no_tokens": self.no_tokens,
         }
-        _atomic_write(self.out / STATE, _json_bytes(state))
+        write_atomic(self.out / STATE, _json_bytes(state))
         if self.carry_file and self.carry_file != name:
             (self.out / self.carry_file).unlink(missing_ok=True)
         self.carry_file = name
@@ -691,7 +674,7 @@ class _Run:
             "config": self.config,
             "config_hash": self.config_hash,
         }
-        _atomic_write(self.out / MANIFEST, _json_bytes(manifest))
+        write_atomic(self.out / MANIFEST, _json_bytes(manifest))
         if _FAULT:
             _FAULT("manifest_written")
         (self.out / STATE).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.optimizer import distrib_optimizer as dopt
 from safetensors.torch import load_file, save_file
 
+from data.files import fsync_dir, write_atomic
 from parallel.engine import Engine
 
 # Optimizer states stored per model parameter (not per DP bucket): loads at any TP/PP/DP.
@@ -92,25 +93,6 @@ if not dopt.HAVE_APEX_OR_TE:
 
 def _rank() -> int:
     return torch.distributed.get_rank()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -187,7 +169,7 @@ def _save(path: Path, sharded: dict, meta: dict, config_yaml: str) -> Path:
         if path.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         write_atomic(path.parent / LATEST, path.name)
     torch.distributed.barrier()
     return path
