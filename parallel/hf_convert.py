@@ -23,7 +23,7 @@ HF tensor at a time and hands it to a streaming writer.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from megatron.core import tensor_parallel
@@ -70,19 +70,11 @@ class VocabLayout:
 
 
 def build_dims(arch: HFArch, padded_vocab: int, *, causal: bool = False) -> ModelDims:
+    """The denoiser of `arch`: HFArch's fields are ModelDims' (vocab_size aside)."""
+    shared = {f.name for f in fields(ModelDims)} & {f.name for f in fields(HFArch)}
     return ModelDims(
-        hidden_size=arch.hidden_size,
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        ffn_hidden_size=arch.ffn_hidden_size,
+        **{name: getattr(arch, name) for name in shared},
         padded_vocab_size=padded_vocab,
-        max_seq_len=arch.max_seq_len,
-        rope_base=arch.rope_base,
-        norm_eps=arch.norm_eps,
-        qkv_bias=arch.qkv_bias,
-        tie_embeddings=arch.tie_embeddings,
-        init_std=arch.init_std,
         causal=causal,
         spec="local" if not torch.cuda.is_available() else "auto",
     )

@@ -25,7 +25,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -427,20 +427,10 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
     source_arch = (
         record["architecture"] if record else ("Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM")
     )
+    # HFArch's fields are ModelConfig's, but for the architecture name and the exact vocab
+    arch_fields = {f.name for f in fields(HFArch)} - {"architecture", "vocab_size"}
     arch = HFArch(
-        architecture=source_arch,
-        hidden_size=m.hidden_size,
-        num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size,
-        vocab_size=vocab,
-        max_seq_len=m.max_seq_len,
-        rope_base=m.rope_base,
-        norm_eps=m.norm_eps,
-        qkv_bias=m.qkv_bias,
-        tie_embeddings=m.tie_embeddings,
-        init_std=m.init_std,
+        architecture=source_arch, vocab_size=vocab, **{name: getattr(m, name) for name in arch_fields}
     )
     _check_world(cfg.parallel.tp, cfg.parallel.pp, _layout(arch, padded))
     mask_id = m.mask_token_id if m.mask_token_id is not None else derived.get("mask_id")
