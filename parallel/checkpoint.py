@@ -191,6 +191,11 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
     engine.module.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        # With bf16 the optimizer keeps fp32 main params made from the weights the model
+        # was built with; its next step would copy those back over the loaded ones.
+        # Refresh them from the loaded weights, as Megatron-LM's load_checkpoint does.
+        engine.optimizer.reload_model_params()
     rng = path / "rng" / f"rank_{_rank()}.safetensors"
     if load_optimizer and state.get("world_size") == engine.topo.world_size and rng.exists():
         _set_rng_state(load_file(str(rng)))

@@ -261,24 +261,22 @@ def test_logit_shift_masked_only_under_tp2_equals_all_logits_in_one_process(root
 
 def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
     """bf16 weights and activations (Float16Module) with fp32 main params and Adam states
-    in the DistributedOptimizer: the path GPUs take by default, runnable on CPU."""
+    in the DistributedOptimizer: the path GPUs take by default, runnable on CPU. Started
+    from checkpoint.init_from, so the optimizer's fp32 main params must be refreshed from
+    the loaded weights (else its first step copies the build-time weights back)."""
     run_dir = root / "bf16"
     launch(
         1, [*CONFIG, "train.precision=bf16", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"]
     )
     rows, ref = read_metrics(run_dir), read_metrics(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
-    # Step 1 sees the same weights: only bf16 rounding of the forward pass differs.
     assert rows[0]["loss"] != ref[0]["loss"]  # really ran in bf16
-    assert math.isclose(rows[0]["loss"], ref[0]["loss"], rel_tol=2e-3), (rows[0]["loss"], ref[0]["loss"])
-    # Adam's first updates are ~lr * sign(grad): bf16 gradient noise flips the sign of
-    # small entries, so later steps drift by a few % (measured 3-4% at step 2, and bf16
-    # CPU kernels are not bit-reproducible between runs); the run must still learn.
-    for got, want in zip(rows, ref, strict=True):
-        assert math.isclose(got["loss"], want["loss"], rel_tol=8e-2), (got["step"], got["loss"], want["loss"])
     assert all(r["update_applied"] for r in rows)
-    learned = rows[0]["loss"] - sum(r["loss"] for r in rows[-3:]) / 3
-    assert learned > 0.5 * (ref[0]["loss"] - sum(r["loss"] for r in ref[-3:]) / 3) > 0, learned
+    # Measured: every step within 3e-4 of fp32 (losses and grad norms); a run whose main
+    # params were not refreshed drifted 3-4% from step 2 on.
+    for got, want in zip(rows, ref, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=2e-3), (got["step"], got["loss"], want["loss"])
+        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=2e-2), (got["step"], got, want)
 
 
 @pytest.mark.gpu
