@@ -1,11 +1,13 @@
 """What the trainer sees of the data: a vocabulary, and per data-parallel rank a
-function from global sample indices to token batches.
+function from global sample indices to batches: {"tokens": [b, L], "segments": [b, L]}
+(document numbers within each sample, for document-level attention).
 
 - byte sources (`data.source=stdlib|text`): windows of a byte stream, addressed by
   global sample index (any layout reads the same samples; the position is the
   trainer's consumed-sample count);
 - `data.source=shards`: `dlm prepare` datasets streamed by data/loader.py, split by
-  data-parallel rank, resumed exactly from the loader state saved in checkpoints.
+  data-parallel rank, resumed exactly from the loader state saved in checkpoints;
+  eval batches come from every source's eval split, in proportion to the weights.
 
 `describe()` needs no process group and reads no data beyond manifests, so the
 trainer can validate a config before it starts anything.
@@ -98,13 +100,22 @@ def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp
         raise DataConfigError(str(e)) from e
 
 
-class TrainData:
-    """Per-rank sample access for the trainer."""
+def eos_segments(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document numbers of packed samples [b, L]: +1 after every EOS (the EOS belongs to
+    the document it ends), as data.shards.segment_ids stores them."""
+    after_eos = torch.zeros_like(tokens)
+    after_eos[:, 1:] = tokens[:, :-1] == eos_id
+    return after_eos.cumsum(dim=1)
 
-    def train(self, index: torch.Tensor) -> torch.Tensor:  # [b] global indices -> [b, L]
+
+class TrainData:
+    """Per-rank sample access for the trainer: [b] global indices -> a batch
+    {"tokens": LongTensor[b, L], "segments": LongTensor[b, L]}."""
+
+    def train(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def eval(self, index: torch.Tensor) -> torch.Tensor:
+    def eval(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def state_dict(self) -> dict | None:
@@ -121,16 +132,20 @@ class ByteWindows(TrainData):
         self.summary = f"{self.stats.tokens:,} tokens, {self.dataset.num_train:,} train windows"
 
     def train(self, index):
-        return self.dataset.train_samples(index)
+        return self._batch(self.dataset.train_samples(index))
 
     def eval(self, index):
-        return self.dataset.eval_samples(index)
+        return self._batch(self.dataset.eval_samples(index))
+
+    @staticmethod
+    def _batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": tokens, "segments": eos_segments(tokens, ByteTokenizer.EOS)}
 
 
 class ShardStream(TrainData):
     """Training batches from the streaming loader (the indices only size the batch: the
-    loader's own state is the data position); eval batches from the first source's
-    eval split, addressed by index."""
+    loader's own state is the data position); eval batches from the sources' eval
+    splits (mixed by weight, in a fixed order), addressed by index."""
 
     def __init__(self, cfg, vocab: Vocabulary, *, seed, micro_batch_size, dp_rank, dp_size, state):
         from data.loader import build_train_loader
@@ -149,24 +164,21 @@ class ShardStream(TrainData):
         )
         self.iterator = iter(self.loader)
         self.micro_batch_size = micro_batch_size
-        self._eval: torch.Tensor | None = None
-        self._eval_location = cfg.sources[0].path
+        self._eval: dict[str, torch.Tensor] | None = None
+        self._sources = [(s.path, s.weight) for s in cfg.sources]
         self.summary = vocab.summary
 
     def train(self, index):
         if len(index) != self.micro_batch_size:
             raise ValueError(f"asked for {len(index)} samples, the loader yields {self.micro_batch_size}")
-        return next(self.iterator)["tokens"]
+        batch = next(self.iterator)
+        return {"tokens": batch["tokens"], "segments": batch["segments"]}
 
     def eval(self, index):
         if self._eval is None:
-            self._eval = read_split(self._eval_location, "eval")
-        if self._eval.shape[0] == 0:
-            raise DataConfigError(
-                f"train.eval_every needs an eval split: {self._eval_location} has none "
-                "(dlm prepare ... eval_fraction=0.01)"
-            )
-        return self._eval[index % self._eval.shape[0]]
+            self._eval = eval_mixture(self._sources)
+        n = self._eval["tokens"].shape[0]
+        return {k: v[index % n] for k, v in self._eval.items()}
 
     def state_dict(self):
         return self.loader.state_dict()
@@ -175,19 +187,45 @@ class ShardStream(TrainData):
         self.loader.close()
 
 
-def read_split(location: str, split: str, limit: int = 4096) -> torch.Tensor:
-    """Up to `limit` samples of a split, in order, as [n, seq_len] int64."""
+def read_split(location: str, split: str, limit: int = 4096) -> dict[str, torch.Tensor]:
+    """Up to `limit` samples of a split, in order: {"tokens", "segments"} [n, seq_len] int64."""
     manifest = load_manifest(location)
     loc = ShardLocation(location)
-    rows = []
+    tokens, segments = [], []
     for shard in manifest["splits"].get(split, {}).get("shards", []):
-        for _, tokens, _ in read_shard(
+        if len(tokens) >= limit:
+            break
+        for _, tok, seg in read_shard(
             loc, shard["name"], seq_len=manifest["seq_len"], dtype=manifest["dtype"]
         ):
-            rows.append(torch.from_numpy(tokens.astype("int64")))
-            if len(rows) >= limit:
-                return torch.stack(rows)
-    return torch.stack(rows) if rows else torch.zeros(0, manifest["seq_len"], dtype=torch.int64)
+            tokens.append(torch.from_numpy(tok.astype("int64")))
+            segments.append(torch.from_numpy(seg.astype("int64")))
+            if len(tokens) >= limit:
+                break
+    empty = torch.zeros(0, manifest["seq_len"], dtype=torch.int64)
+    return {
+        "tokens": torch.stack(tokens) if tokens else empty,
+        "segments": torch.stack(segments) if segments else empty,
+    }
+
+
+def eval_mixture(sources: list[tuple[str, float]], limit: int = 4096) -> dict[str, torch.Tensor]:
+    """The eval set of a weighted mixture: up to limit * weight / total samples of every
+    source's eval split, shuffled together in a fixed order (so the first eval batches
+    already cover every source)."""
+    total = sum(w for _, w in sources)
+    parts = []
+    for location, weight in sources:
+        part = read_split(location, "eval", limit=max(1, round(limit * weight / total)))
+        if part["tokens"].shape[0] == 0:
+            raise DataConfigError(
+                f"train.eval_every needs an eval split in every data.sources entry: {location} has none "
+                "(dlm prepare ... eval_fraction=0.01)"
+            )
+        parts.append(part)
+    mixed = {k: torch.cat([p[k] for p in parts]) for k in ("tokens", "segments")}
+    order = torch.randperm(mixed["tokens"].shape[0], generator=torch.Generator().manual_seed(0))
+    return {k: v[order] for k, v in mixed.items()}
 
 
 def build(

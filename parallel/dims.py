@@ -23,6 +23,9 @@ class ModelDims:
     tie_embeddings: bool = False
     init_std: float = 0.02
     causal: bool = False  # True only to check an imported AR model against its source
+    # Tokens attend only within their document of a packed sample (forward(segments=...)).
+    # Only the Transformer Engine spec needs to know in advance (its mask type).
+    document_attention: bool = False
     spec: str = "auto"  # auto | local | te
     recompute: str = "none"  # none | full | selective
 

@@ -90,11 +90,12 @@ def build_transformer_config(dims: ModelDims, topo: Topology, *, bf16: bool) -> 
 def build_layer_spec(dims: ModelDims) -> ModuleSpec:
     if use_transformer_engine(dims.spec):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-        full = AttnMaskType.no_mask
+        # TE decides by the mask *type*: 'arbitrary' applies the [b, 1, s, s] mask tensor.
+        full = AttnMaskType.arbitrary if dims.document_attention else AttnMaskType.no_mask
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
         # With no mask tensor, the local softmax applies no mask unless the type is causal
-        # (fusions/fused_softmax.py:323).
+        # (fusions/fused_softmax.py:323); a [b, 1, s, s] mask tensor is applied as given.
         full = AttnMaskType.padding
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.causal if dims.causal else full
@@ -102,9 +103,12 @@ def build_layer_spec(dims: ModelDims) -> ModuleSpec:
 
 
 class Denoiser(GPTModel):
-    """GPTModel whose output projection can run on a subset of positions.
+    """GPTModel whose output projection can run on a subset of positions, and whose
+    attention can be restricted to documents of a packed sample.
 
-    forward(input_ids [b, s], logit_positions [b, s] bool | None):
+    forward(input_ids [b, s], logit_positions [b, s] bool | None, segments [b, s] | None):
+      - `segments`: document numbers of each position; a token attends only to tokens
+        of its own document (None: to every token of the sample);
       - first/middle pipeline stages return hidden states for the next stage;
       - the last stage returns vocab-parallel logits: [s, b, V/tp] for all positions,
         or [n, 1, V/tp] for the n positions where `logit_positions` is True
@@ -112,7 +116,9 @@ class Denoiser(GPTModel):
         masked positions, so this saves (1 - t) of the output projection on average.
     """
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, logit_positions=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, logit_positions=None, segments=None):
+        if segments is not None:
+            attention_mask = document_attention_mask(segments)
         decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, seq_offset, _ = self._preprocess(
             input_ids=input_ids, position_ids=position_ids
         )[:6]
@@ -133,6 +139,12 @@ class Denoiser(GPTModel):
         )
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits
+
+
+def document_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, s] document numbers -> [b, 1, s, s] bool, True where a query may NOT attend to a
+    key (megatron's convention: masked_fill with -10000 before the softmax)."""
+    return (segments[:, None, :, None] != segments[:, None, None, :]).contiguous()
 
 
 def build_model(dims: ModelDims, topo: Topology, *, bf16: bool = False, initialize: bool = True) -> Denoiser:

@@ -8,9 +8,11 @@ naming the config keys involved.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -201,7 +203,15 @@ def init_distributed(
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # As Megatron-LM's _set_random_seed: every pipeline stage gets its own seed (else the
+    # stages would initialise their layers from the same streams), and the default
+    # generators are seeded too -- megatron-core seeds only its CUDA tracker, while CPU
+    # initialisation (use_cpu_initialization) draws from torch's default generator.
+    stage_seed = seed + 100 * topo.pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
     assert parallel_state.get_data_parallel_rank() == topo.dp_rank
     assert parallel_state.get_pipeline_model_parallel_rank() == topo.pp_rank
     assert parallel_state.get_tensor_model_parallel_rank() == topo.tp_rank

@@ -41,7 +41,10 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention: str = "bidirectional"  # bidirectional | causal (to check an imported AR model)
+    # bidirectional: every token of a packed sample attends to every other; document: only
+    # to tokens of its own document (segments of `dlm prepare` shards, EOS-delimited for
+    # byte sources); causal: only to check an imported AR model against its source.
+    attention: str = "bidirectional"
     logit_shift: bool = False  # position i predicts token i+1 (DiffuLLaMA/Dream, AR-initialised)
     mask_token_id: int | None = None  # None: the tokenizer's mask token; set by `dlm import-hf`
     spec: str = "auto"  # auto (Transformer Engine if importable) | local | te
@@ -163,7 +166,7 @@ def register() -> None:
 
 
 CHOICES = {
-    "model.attention": ("bidirectional", "causal"),
+    "model.attention": ("bidirectional", "document", "causal"),
     "model.spec": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
     "data.source": ("stdlib", "text", "shards"),
@@ -402,6 +405,7 @@ def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:
         tie_embeddings=m.tie_embeddings,
         init_std=m.init_std,
         causal=m.attention == "causal",
+        document_attention=m.attention == "document",
         spec=m.spec,
         recompute=m.recompute,
     )

@@ -68,7 +68,8 @@ def forward_step(run: Run, seed: int, batch: dict, model):
         tokens, t, index, seed=seed, mask_id=run.derived.mask_id, maskable=maskable
     )
     positions = logit_positions(is_masked, shift=shift)
-    output = model(noisy, logit_positions=positions if obj.logits == "masked" else None)
+    segments = batch["segments"].to(tokens.device) if run.cfg.model.attention == "document" else None
+    output = model(noisy, logit_positions=positions if obj.logits == "masked" else None, segments=segments)
     return output, partial(loss_fn, run, tokens, is_masked, positions, t.to(tokens.device))
 
 
@@ -98,7 +99,7 @@ def microbatches(run: Run, first_index: int, samples):
     d, mbs = run.derived, run.cfg.train.micro_batch_size
     start = first_index + run.topo.dp_rank * d.samples_per_dp_rank
     for index in torch.arange(start, start + d.samples_per_dp_rank).split(mbs):
-        yield {"tokens": samples(index), "index": index}
+        yield {**samples(index), "index": index}
 
 
 def run_schedule(run: Run, first_index: int, samples, seed: int, forward_only: bool):

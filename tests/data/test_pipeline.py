@@ -125,6 +125,76 @@ def test_a_stream_with_more_reader_slots_than_shard_groups_fails_fast(dataset, t
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _prepare_more(dataset, out: Path, package: str, eval_fraction: float) -> Path:
+    from data.prepare import run as prepare
+
+    prepare(
+        PrepareConfig(
+            input=[str(Path(sysconfig.get_paths()["stdlib"]) / package)],
+            output=str(out),
+            tokenizer=str(dataset[1]),
+            seq_len=64,
+            samples_per_shard=48,
+            eval_fraction=eval_fraction,
+            workers=1,
+            progress=False,
+        )
+    )
+    return out
+
+
+def _stream(sources: list[tuple[Path, float]], tokenizer: Path):
+    from data import pipeline
+    from pretrain.config import DataConfig, SourceConfig
+
+    cfg = DataConfig(
+        name="mix",
+        source="shards",
+        seq_len=64,
+        sources=[SourceConfig(path=str(p), weight=w) for p, w in sources],
+        tokenizer=str(tokenizer),
+        num_workers=0,
+    )
+    vocab = pipeline.describe(cfg)
+    stream = pipeline.build(cfg, vocab, seed=0, micro_batch_size=4, dp_rank=0, dp_size=1, state=None)
+    return stream, vocab
+
+
+def test_batches_carry_document_segments_and_eval_mixes_every_source(dataset, tmp_path):
+    """Train and eval batches hold the shards' segments (EOS-delimited documents, as the
+    byte sources derive them); eval draws on every source's eval split by weight."""
+    import torch
+
+    from data import pipeline
+
+    shards, tokenizer = dataset
+    other = _prepare_more(dataset, tmp_path / "unittest", "unittest", eval_fraction=0.2)
+    stream, vocab = _stream([(shards, 1.0), (other, 1.0)], tokenizer)
+    try:
+        batch = stream.train(torch.arange(4))
+        seg = batch["segments"]
+        assert batch["tokens"].shape == seg.shape == (4, 64)
+        derived = pipeline.eos_segments(batch["tokens"], vocab.eos_id)
+        assert torch.equal(seg - seg[:, :1], derived)  # stored numbers start at the running document
+        splits = [pipeline.read_split(str(p), "eval") for p in (shards, other)]
+        sizes = [s["tokens"].shape[0] for s in splits]
+        mixed = stream.eval(torch.arange(sum(sizes)))
+        # both fit their half of 4096 samples: every eval sample of both, once
+        assert sorted(map(tuple, mixed["tokens"].tolist())) == sorted(
+            map(tuple, torch.cat([s["tokens"] for s in splits]).tolist())
+        )
+        mixed_seg = mixed["segments"] - mixed["segments"][:, :1]
+        assert torch.equal(mixed_seg, pipeline.eos_segments(mixed["tokens"], vocab.eos_id))
+    finally:
+        stream.close()
+    small = pipeline.eval_mixture([(str(shards), 3.0), (str(other), 1.0)], limit=8)["tokens"]
+    from_first = sum(any(torch.equal(r, s) for s in splits[0]["tokens"]) for r in small)
+    assert (len(small), from_first) == (8, 6)  # 3:1
+    empty = _prepare_more(dataset, tmp_path / "no_eval", "html", eval_fraction=0.0)
+    with pytest.raises(pipeline.DataConfigError, match=f"{empty}.* has none"):
+        pipeline.eval_mixture([(str(shards), 1.0), (str(empty), 1.0)])
+
+
 def test_hugging_face_tokenizer_prepare_and_train(tmp_path):
     """A tokenizer.json without a mask token (as an imported AR model's): `dlm prepare`
     with it, then `dlm train` with model.mask_token_id an appended row; without it, exit 2."""

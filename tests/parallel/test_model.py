@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -75,6 +77,70 @@ def test_transformer_engine_spec_is_bidirectional_in_bf16():
     _check_bidirectional(result)
     for causal in (False, True):
         assert result[causal]["selected_vs_full"] < 5e-2  # bf16
+
+
+def _document_attention(spec: str = "local", bf16: bool = False) -> dict:
+    """Logits of a packed batch with document attention (segments), gathered over
+    tensor-parallel ranks; sample 0 holds two documents (positions 0-5 and 6-15),
+    sample 1 a single one."""
+    from parallel import ModelDims, build_model, init_distributed, shutdown_distributed
+
+    topo = init_distributed(tp=int(os.environ["WORLD_SIZE"]), pp=1, dp=1, seed=1, model_dims=TOPO_DIMS)
+    torch.manual_seed(0)
+    dims = ModelDims(**DIMS, spec=spec, document_attention=True)
+    model = build_model(dims, topo, bf16=bf16).eval()
+    x = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0)).to(topo.device)
+    segments = torch.zeros(2, 16, dtype=torch.long, device=topo.device)
+    segments[0, 6:] = 1
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 250  # a token of sample 0's second document
+
+    def logits(ids, seg=None):  # [b, s, V]: vocab shards gathered
+        with torch.no_grad():
+            out = model(ids, segments=seg).float().transpose(0, 1).contiguous()
+        parts = [torch.empty_like(out) for _ in range(topo.tp)]
+        torch.distributed.all_gather(parts, out)
+        return torch.cat(parts, dim=-1).cpu()
+
+    result = {
+        "packed": logits(x, segments),
+        "changed": logits(y, segments),
+        "unmasked": logits(x),
+        "doc0_alone": logits(x[:1, :6]),
+        "doc1_alone": logits(x[:1, 6:]),
+    }
+    shutdown_distributed()
+    return result
+
+
+def test_document_attention_keeps_documents_apart():
+    """model.attention=document: a token sees only its own document of a packed sample,
+    so each document gets the logits it gets alone (RoPE is relative: doc 1 alone starts
+    at position 0), a change in one document leaves the other bit-identical, a single
+    document equals no mask; TP=2 gives the logits of one process."""
+    one, two = spawn(_document_attention, 1)[0], spawn(_document_attention, 2)[0]
+    _check_document_attention(one, atol=1e-5)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+
+
+def _check_document_attention(result: dict, atol: float) -> None:
+    packed = result["packed"]
+    moved = (result["changed"] - packed).abs().amax(dim=-1)  # [b, s]
+    assert (moved[0, :6] == 0).all(), moved[0]  # the other document: exactly unaffected
+    assert (moved[0, 6:] > 1e-4).all(), moved[0]  # its own document: bidirectional
+    assert (moved[1] > 1e-4).all(), moved[1]  # one document: every position sees the change
+    # Control: without segments the first document would have seen the change.
+    assert (result["unmasked"][0, :6] - packed[0, :6]).abs().max() > 1e-4
+    torch.testing.assert_close(packed[1], result["unmasked"][1], rtol=0, atol=atol)
+    torch.testing.assert_close(packed[0, :6], result["doc0_alone"][0], rtol=0, atol=atol)
+    torch.testing.assert_close(packed[0, 6:], result["doc1_alone"][0], rtol=0, atol=atol)
+
+
+@pytest.mark.gpu
+def test_transformer_engine_spec_applies_the_document_mask_in_bf16():
+    """Under TE the 'arbitrary' mask type applies the [b, 1, s, s] document mask tensor."""
+    _check_document_attention(spawn(_document_attention, 1, "te", True)[0], atol=5e-2)
 
 
 def _optimizer_shards() -> dict:
