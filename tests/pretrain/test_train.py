@@ -309,16 +309,21 @@ def test_document_attention_under_pp2_tp2_equals_one_process(root, seed_checkpoi
     assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(one, full, strict=True)) > 1e-4
 
 
-def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
-    """bf16 weights and activations (Float16Module) with fp32 main params and Adam states
-    in the DistributedOptimizer: the path GPUs take by default, runnable on CPU. Started
-    from checkpoint.init_from, so the optimizer's fp32 main params must be refreshed from
-    the loaded weights (else its first step copies the build-time weights back)."""
+@pytest.fixture(scope="module")
+def bf16_run(root, seed_checkpoint) -> Path:
     run_dir = root / "bf16"
     launch(
         1, [*CONFIG, "train.precision=bf16", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"]
     )
-    rows, ref = read_metrics(run_dir), read_metrics(reference)
+    return run_dir
+
+
+def test_bf16_mixed_precision_tracks_fp32(bf16_run, reference):
+    """bf16 weights and activations (Float16Module) with fp32 main params and Adam states
+    in the DistributedOptimizer: the path GPUs take by default, runnable on CPU. Started
+    from checkpoint.init_from, so the optimizer's fp32 main params must be refreshed from
+    the loaded weights (else its first step copies the build-time weights back)."""
+    rows, ref = read_metrics(bf16_run), read_metrics(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     assert rows[0]["loss"] != ref[0]["loss"]  # really ran in bf16
     assert all(r["update_applied"] for r in rows)
@@ -327,6 +332,17 @@ def test_bf16_mixed_precision_tracks_fp32(root, seed_checkpoint, reference):
     for got, want in zip(rows, ref, strict=True):
         assert math.isclose(got["loss"], want["loss"], rel_tol=2e-3), (got["step"], got["loss"], want["loss"])
         assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=2e-2), (got["step"], got, want)
+
+
+def test_bf16_exact_resume(root, bf16_run):
+    """bf16 resume restores the fp32 main params and Adam states from the checkpoint:
+    3 steps + resume + 3 steps == 6 steps, bit-exact in one process."""
+    run_dir = _resume_copy(bf16_run, 3, root / "bf16_resumed")
+    launch(1, [*CONFIG, "train.precision=bf16", f"run.dir={run_dir}"])
+    rows, straight = read_metrics(run_dir), read_metrics(bf16_run)[3:]
+    assert [r["step"] for r in rows] == [r["step"] for r in straight] == [4, 5, 6]
+    for got, want in zip(rows, straight, strict=True):
+        assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), got["step"]
 
 
 @pytest.mark.gpu
