@@ -44,6 +44,11 @@ from parallel.hf_files import (
 from parallel.topology import ConfigError, LaunchEnv, Topology, padded_vocab_size
 
 FORMATS = ("bidirectional", "source")
+# The architecture fields HFArch and ModelConfig share by name, copied both ways (the
+# architecture name, the exact vocab rows and max_seq_len are set separately).
+ARCH_FIELDS = tuple(
+    f.name for f in fields(HFArch) if f.name not in ("architecture", "vocab_size", "max_seq_len")
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BYTE_TOKENIZER_NOTE = (
     "byte-level run: no tokenizer written (ids 0-255 are bytes, 256 pad, 257 bos, 258 eos, 259 mask)"
@@ -205,19 +210,10 @@ def build_model_config(cfg: ImportHFConfig, plan: ImportPlan):
     a = plan.source.arch
     model = ModelConfig(
         name="imported",
-        hidden_size=a.hidden_size,
-        num_layers=a.num_layers,
-        num_attention_heads=a.num_attention_heads,
-        num_query_groups=a.num_query_groups,
-        ffn_hidden_size=a.ffn_hidden_size,
+        **{name: getattr(a, name) for name in ARCH_FIELDS},
         max_seq_len=cfg.max_seq_len or a.max_seq_len,
         vocab_size=plan.vocab_size,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
-        rope_base=a.rope_base,
-        norm_eps=a.norm_eps,
-        qkv_bias=a.qkv_bias,
-        tie_embeddings=a.tie_embeddings,
-        init_std=a.init_std,
         logit_shift=cfg.logit_shift,
         mask_token_id=plan.mask_id,
     )
@@ -427,10 +423,11 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
     source_arch = (
         record["architecture"] if record else ("Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM")
     )
-    # HFArch's fields are ModelConfig's, but for the architecture name and the exact vocab
-    arch_fields = {f.name for f in fields(HFArch)} - {"architecture", "vocab_size"}
     arch = HFArch(
-        architecture=source_arch, vocab_size=vocab, **{name: getattr(m, name) for name in arch_fields}
+        architecture=source_arch,
+        vocab_size=vocab,
+        max_seq_len=m.max_seq_len,
+        **{name: getattr(m, name) for name in ARCH_FIELDS},
     )
     _check_world(cfg.parallel.tp, cfg.parallel.pp, _layout(arch, padded))
     mask_id = m.mask_token_id if m.mask_token_id is not None else derived.get("mask_id")
