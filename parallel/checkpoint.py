@@ -9,11 +9,32 @@ Layout of a run directory::
                                       rng/rank_<r>.safetensors (per-rank RNG states)
     <run.dir>/checkpoints/latest      the name of the last complete checkpoint
 
-A checkpoint is written to `step_<N>.tmp/` and renamed once every rank has
-finished; `latest` is replaced atomically after that. A crash at any point leaves
-the previous checkpoint and `latest` intact. Loading never unpickles arbitrary
-objects: state.json is JSON, RNG states are safetensors, and megatron's common
-state goes through `torch.load(weights_only=True)` (torch >= 2.6 default).
+Naming rule: the checkpoint of step N is `step_<N>`; saving step N again while a copy of
+it exists (e.g. after `checkpoint.resume=false` in the same run.dir) writes a fresh
+`step_<N>_<k>`, k one more than the newest copy's (`step_<N>` is copy 0), so that a
+directory `latest` names is never replaced in place. `checkpoint_name_key` parses both
+forms; anything ending in `.tmp` is a leftover, never a checkpoint.
+
+A save, and what a crash at each point leaves (see `stage_checkpoint`/`publish_checkpoint`):
+
+1. rank 0 deletes leftovers and creates `step_<N>.tmp/`; every rank writes its shards and
+   RNG state into it;                  crash: `latest` and every checkpoint unchanged.
+2. rank 0 fsyncs it, writes config.yaml, then state.json (atomically, last: a directory
+   with state.json is complete);       crash: same, plus a `.tmp` leftover.
+3. rank 0 renames it to the unused name (`step_<N>` or `step_<N>_<k>`) and fsyncs the
+   directory;                          crash: a complete checkpoint `latest` does not name.
+4. rank 0 replaces `latest` atomically (`latest.tmp`, fsync, rename): from here `latest`
+   names the new checkpoint;           crash: `latest` names the old or the new one.
+5. rank 0 deletes the superseded copies of the step (each renamed to `<name>.old.tmp`
+   first, then deleted);               crash: an old copy, or a `.tmp` leftover.
+
+So at every point `latest` names a complete checkpoint, and every directory with a
+checkpoint name is complete. Leftovers (`*.tmp`, copies of a step other than the one
+`latest` names or, failing that, the newest) are ignored by readers, which follow
+`latest`, and deleted by the next save and by `prune_checkpoints`. Loading never
+unpickles arbitrary objects: state.json is JSON, RNG states are safetensors, and
+megatron's common state goes through `torch.load(weights_only=True)` (torch >= 2.6
+default).
 """
 
 from __future__ import annotations
@@ -21,6 +42,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +57,9 @@ from parallel.engine import Engine
 # Optimizer states stored per model parameter (not per DP bucket): loads at any TP/PP/DP.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
+TMP = ".tmp"  # suffix of leftovers: staging directories, `latest.tmp`, copies being deleted
+TRASH = ".old" + TMP  # a superseded copy is renamed to <name>.old.tmp, then deleted
+CHECKPOINT_NAME = re.compile(r"step_(0|[1-9]\d*)(?:_([1-9]\d*))?")
 
 
 def _fix_torch_adam_checkpointing() -> None:
@@ -92,17 +117,31 @@ if not dopt.HAVE_APEX_OR_TE:
 
 
 def _rank() -> int:
-    return torch.distributed.get_rank()
+    """The global rank; 0 without a process group (single-process tools and tests)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def checkpoint_name_key(name: str) -> tuple[int, int] | None:
+    """(step, copy) of a checkpoint directory name: `step_<N>` is (N, 0), `step_<N>_<k>`
+    is (N, k); None for anything else (`latest`, `*.tmp` leftovers)."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2] or 0)) if match else None
+
+
+def _pointer(checkpoints_dir: Path) -> str | None:
+    """The name `latest` holds, unchecked; None without `latest`."""
+    pointer = Path(checkpoints_dir) / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The checkpoint named by `latest`, or None. A dangling pointer is an error."""
-    pointer = Path(checkpoints_dir) / LATEST
-    if not pointer.exists():
+    name = _pointer(checkpoints_dir)
+    if name is None:
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    path = Path(checkpoints_dir) / name
     if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no state.json")
+        raise FileNotFoundError(f"{path.parent / LATEST} names {name}, which has no state.json")
     return path
 
 
@@ -132,8 +171,9 @@ def save_checkpoint(
     config_yaml: str,
     include_optimizer: bool = True,
 ) -> Path:
-    """Collective: every rank calls it. Returns `path` once it is complete and `latest`
-    points at it."""
+    """Collective: every rank calls it with `path` = .../step_<N>. Returns the checkpoint
+    once it is complete and `latest` names it: `path`, or `step_<N>_<k>` when a copy of
+    step N exists (see the naming rule above)."""
     sharded = {"model": engine.module.sharded_state_dict()}
     if include_optimizer:
         sharded["optimizer"] = engine.optimizer.sharded_state_dict(
@@ -151,28 +191,125 @@ def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, w
 
 
 def _save(path: Path, sharded: dict, meta: dict, config_yaml: str) -> Path:
-    """Write `sharded` to `<path>.tmp/`, rename it to `path` when every rank is done, then
-    point `latest` at it (atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Every rank writes its part of the checkpoint of step N (`path`: .../step_<N>) to
+    the staging directory; rank 0 publishes it. Returns the published checkpoint."""
+    staging = _staging_dir(path)
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        tmp.mkdir(parents=True)
+        stage_checkpoint(path)
     torch.distributed.barrier()
-    dist_checkpointing.save(sharded, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    save_file(_rng_state(), str(tmp / "rng" / f"rank_{_rank()}.safetensors"))
+    dist_checkpointing.save(sharded, str(staging))
+    (staging / "rng").mkdir(exist_ok=True)
+    save_file(_rng_state(), str(staging / "rng" / f"rank_{_rank()}.safetensors"))
     torch.distributed.barrier()
+    if _rank() == 0:
+        publish_checkpoint(staging, path, meta=meta, config_yaml=config_yaml)
+    torch.distributed.barrier()
+    return latest_checkpoint(path.parent)
 
-    if _rank() == 0:
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "config.yaml").write_text(config_yaml)
-        if path.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        write_atomic(path.parent / LATEST, path.name)
-    torch.distributed.barrier()
-    return path
+
+def _staging_dir(path: Path) -> Path:
+    key = checkpoint_name_key(path.name)
+    if key is None or key[1] != 0:
+        raise ValueError(f"a checkpoint is saved as .../step_<N>, not {path}")
+    return path.with_name(path.name + TMP)
+
+
+def stage_checkpoint(path: Path) -> Path:
+    """Rank 0, before any rank writes: delete leftovers of crashed saves and create the
+    empty staging directory `<path>.tmp/`, which it returns."""
+    _remove_leftovers(path.parent)
+    staging = _staging_dir(path)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_checkpoint(staging: Path, path: Path, *, meta: dict, config_yaml: str) -> Path:
+    """Rank 0, once every rank has written its part of `staging`: complete it, rename it
+    to an unused checkpoint name, point `latest` at it, then delete what it supersedes
+    (steps 2-5 of the module docstring). Returns the published checkpoint."""
+    _fsync_tree(staging)
+    write_atomic(staging / "config.yaml", config_yaml)
+    write_atomic(staging / "state.json", json.dumps(meta, indent=2))  # last: marks it complete
+    published = _unused_name(path)
+    os.replace(staging, published)
+    fsync_dir(published.parent)
+    write_atomic(published.parent / LATEST, published.name)
+    _remove_leftovers(published.parent)
+    return published
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every file and directory under `root` durable (megatron fsyncs its shards,
+    not common.pt, metadata.json or the RNG files)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
+
+
+def _unused_name(path: Path) -> Path:
+    """`path` (step_<N>) when no copy of step N exists, else step_<N>_<k> with k one more
+    than the newest copy's."""
+    step = checkpoint_name_key(path.name)[0]
+    copies = _checkpoints(path.parent).get(step)
+    return path if not copies else path.with_name(f"step_{step}_{max(copies)[0] + 1}")
+
+
+def _checkpoints(checkpoints_dir: Path) -> dict[int, list[tuple[int, Path]]]:
+    """The checkpoint directories by step: {N: [(copy, path), ...]}."""
+    found: dict[int, list[tuple[int, Path]]] = {}
+    for path in Path(checkpoints_dir).glob("step_*"):
+        key = checkpoint_name_key(path.name)
+        if key is not None:
+            found.setdefault(key[0], []).append((key[1], path))
+    return found
+
+
+def _live_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
+    """One checkpoint per step, by step: the copy `latest` names, else the newest copy."""
+    named = _pointer(checkpoints_dir)
+    live = {}
+    for step, copies in _checkpoints(checkpoints_dir).items():
+        pointed = [path for _, path in copies if path.name == named]
+        live[step] = pointed[0] if pointed else max(copies)[1]
+    return dict(sorted(live.items()))
+
+
+def _leftovers(checkpoints_dir: Path) -> list[Path]:
+    """What crashed saves leave: `step_*.tmp` (staging directories and copies being
+    deleted), `latest.tmp`, and the copies of a step other than its live one."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tmp = sorted(checkpoints_dir.glob("step_*" + TMP))
+    if (checkpoints_dir / (LATEST + TMP)).exists():
+        tmp.append(checkpoints_dir / (LATEST + TMP))
+    live = set(_live_checkpoints(checkpoints_dir).values())
+    superseded = [p for copies in _checkpoints(checkpoints_dir).values() for _, p in copies if p not in live]
+    return tmp + sorted(superseded)
+
+
+def _remove_leftovers(checkpoints_dir: Path) -> list[Path]:
+    """Rank 0, while no save is under way: delete what `_leftovers` lists. Returns it."""
+    removed = _leftovers(checkpoints_dir)
+    for path in removed:
+        _delete(path)
+    return removed
+
+
+def _delete(path: Path) -> None:
+    """Delete a leftover, or a checkpoint by renaming it to `<name>.old.tmp` first, so
+    that no directory with a checkpoint name is ever half deleted."""
+    if not path.name.endswith(TMP):
+        trash = path.with_name(path.name + TRASH)
+        os.replace(path, trash)
+        path = trash
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) -> dict:
@@ -204,17 +341,18 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
-    """Rank 0: delete all but the `keep` newest complete checkpoints (0 keeps all)."""
-    if keep <= 0 or _rank() != 0:
+    """Rank 0, after a save: delete the leftovers of crashed saves, then all but the `keep`
+    newest steps' checkpoints (0 keeps all); the checkpoint `latest` names is always
+    kept. Returns what it deleted."""
+    if _rank() != 0:
         return []
-    latest = latest_checkpoint(checkpoints_dir)
-    steps = sorted(
-        (p for p in Path(checkpoints_dir).glob("step_*") if not p.name.endswith(".tmp")),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    removed = [p for p in steps[:-keep] if p != latest]
-    for p in removed:
-        shutil.rmtree(p)
+    removed = _remove_leftovers(checkpoints_dir)
+    if keep > 0:
+        named = _pointer(checkpoints_dir)
+        older = list(_live_checkpoints(checkpoints_dir).values())[:-keep]
+        for path in (p for p in older if p.name != named):
+            _delete(path)
+            removed.append(path)
     return removed
 
 
