@@ -4,13 +4,19 @@ for ONE data-parallel rank, equal in number on every rank, resumable exactly.
 Layout of one epoch e of source s (every rank computes all of it from the manifest
 alone, without communication):
 
-- the source's train shards are permuted from (seed, s, e); consecutive runs of
-  `shuffle_shards` shards form groups; group j goes to reader slot j % S, where
-  S = dp_size * W reader slots (W = max(num_workers, 1)) and slot = worker * dp_size + rank;
-- inside a group, the samples of all its shards are permuted jointly from (seed, s, e, j);
-  a slot's epoch stream is its groups' permuted samples, group after group, truncated
-  to E(s, e) = min over slots of their sample counts: every rank and worker yields the
-  same number of samples per epoch; the rest is dropped (`dropped_per_epoch`).
+- the source's train shards are permuted from (seed, s, e); the epoch's stream is their
+  samples in that shard order (file order within a shard): all N(s) train samples;
+- the stream is cut into S = dp_size * W reader slots (W = max(num_workers, 1),
+  slot = worker * dp_size + rank): slot k gets the contiguous range [k * E, (k + 1) * E),
+  E(s) = N(s) // S, i.e. whole shards plus part of a shard at either end. Every rank and
+  worker yields the same number of samples per epoch; only the stream's last N mod S < S
+  samples are dropped (`dropped_per_epoch`; other ones each epoch, as the order changes);
+- a slot's pieces (whole or partial shards), `shuffle_shards` at a time, form its groups;
+  inside group j the samples of its pieces are permuted jointly from (seed, s, e, k, j):
+  the slot's epoch stream is its permuted groups, one after another. A shard cut by a
+  slot boundary is read whole by both of its slots (at most S - 1 extra shard reads per
+  epoch: `Layout.read_factor`). A slot needs E >= micro_batch_size (`Layout.check`), so
+  a micro batch holds samples of at most two of a slot's epochs.
 
 Each logical worker draws the source of its n-th sample from the weights with a
 counter-based generator keyed by (seed, rank, worker, n) (single source: no draws),
@@ -23,8 +29,8 @@ State and exact resume: the state is C = batches returned by `__next__` (plus th
 static layout), identical on every rank. Logical worker lw has produced
 n_lw = #{b < C : b % W == lw} batches; its per-source cursors (epoch, offset) follow
 from replaying the cheap source draws of its first n_lw * B samples and the epoch
-lengths E(s, e); whole groups are skipped without reading, only the current group is
-read. DataLoader always restarts its round-robin at worker id 0, so worker id d plays
+length E(s); whole groups are skipped without reading, only the current group is read.
+DataLoader always restarts its round-robin at worker id 0, so worker id d plays
 logical worker (d + C) % W: the first batch returned after a resume is exactly batch C.
 
 A saved state from a different layout (dp_size, W, micro_batch_size, seed,
@@ -32,6 +38,9 @@ shuffle_shards, sources) is not an error: a warning is logged and each source
 continues at the same fraction of its current epoch as rank 0 of the old layout had
 reached (APPROXIMATE: the new layout's epoch order differs, so within that epoch some
 samples are seen twice and others not at all). num_workers 0 and 1 are the same layout.
+A state of STATE_VERSION 1 (before: slot k read groups k, k + S, ... and every slot was
+cut to the smallest one, so the same C names other samples now) takes the same
+approximate path, placed with the version-1 epoch lengths.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -51,7 +61,7 @@ from data.shards import ShardFormatError, ShardLocation, load_manifest, read_sha
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: contiguous slot ranges of the epoch's stream (1: groups dealt round-robin)
 _M64 = (1 << 64) - 1
 _TAG_SHARDS, _TAG_GROUP, _TAG_SOURCE = 0x5A4D, 0x6E0F, 0x50C3
 _REPLAY_CHUNK = 1 << 22  # source draws replayed per numpy call on resume
@@ -104,6 +114,10 @@ class Source:
     def describe(self) -> dict:
         return {"location": self.location, "weight": self.weight, "train_hash": self.train_hash}
 
+    @cached_property
+    def samples(self) -> int:
+        return sum(self.sizes)
+
 
 @dataclass
 class Layout:
@@ -114,7 +128,6 @@ class Layout:
     workers: int  # W = max(num_workers, 1): logical workers per rank
     seed: int
     shuffle_shards: int
-    _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def slots(self) -> int:
@@ -123,50 +136,67 @@ class Layout:
     def slot(self, rank: int, worker: int) -> int:
         return worker * self.dp_size + rank
 
-    def groups(self, s: int) -> int:
-        return math.ceil(len(self.sources[s].sizes) / self.shuffle_shards)
+    def samples(self, s: int) -> int:
+        """N(s): train samples of source s."""
+        return self.sources[s].samples
 
     def check(self, only=None) -> None:
+        """Every slot must get at least one micro batch of every source per epoch."""
         for s, src in enumerate(self.sources):
             if only is not None and s not in only:
                 continue
-            if self.groups(s) < self.slots:
-                g = self.shuffle_shards
-                raise LoaderConfigError(
-                    f"data source {src.location} has {len(src.sizes)} train shards = {self.groups(s)} "
-                    f"group(s) of shuffle_shards={g}, fewer than the dp_size={self.dp_size} x "
-                    f"num_workers={self.workers} = {self.slots} reader slots that each need one: lower "
-                    f"data.num_workers or data.shuffle_shards (shuffle_shards=1 allows up to "
-                    f"{len(src.sizes)} slots), or re-prepare the dataset with a smaller samples_per_shard "
-                    f"to get at least {self.slots * g} shards"
-                )
-            if sum(src.sizes) == 0:
+            if self.samples(s) == 0:
                 raise LoaderConfigError(f"data source {src.location} has no train samples")
+            if self.epoch_len(s) < self.micro_batch_size:
+                raise LoaderConfigError(
+                    f"data source {src.location} has {self.samples(s):,} train samples, fewer than "
+                    f"train.micro_batch_size={self.micro_batch_size} for each of the dp_size={self.dp_size} "
+                    f"x data.num_workers={self.workers} = {self.slots} reader slots (needs "
+                    f"{self.slots * self.micro_batch_size:,}): lower data.num_workers or "
+                    "train.micro_batch_size, train on fewer data-parallel ranks, or add data"
+                )
 
     def order(self, s: int, epoch: int) -> np.ndarray:
         """Shard indices of source s in epoch order."""
         return _rng(_TAG_SHARDS, self.seed, s, epoch).permutation(len(self.sources[s].sizes))
 
-    def epoch_len(self, s: int, epoch: int) -> int:
-        """E(s, epoch): samples every slot yields from source s in that epoch."""
-        key = (s, epoch)
-        if key not in self._plans:
-            sizes = np.asarray(self.sources[s].sizes, dtype=np.int64)[self.order(s, epoch)]
-            group = np.arange(sizes.size) // self.shuffle_shards
-            per_slot = np.bincount(group % self.slots, weights=sizes, minlength=self.slots)
-            length = int(per_slot.min())
-            if length == 0:
-                raise LoaderConfigError(
-                    f"data source {self.sources[s].location}: a reader slot gets only empty shards in "
-                    f"epoch {epoch}; lower data.num_workers or data.shuffle_shards"
-                )
-            if len(self._plans) > 4096:
-                self._plans.clear()
-            self._plans[key] = length
-        return self._plans[key]
+    def spans(self, s: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shards of source s in epoch order and where each starts in the epoch's stream
+        (the shards' samples in file order, one shard after another), with its end."""
+        order = self.order(s, epoch)
+        ends = np.cumsum(np.asarray(self.sources[s].sizes, dtype=np.int64)[order])
+        return order, np.concatenate([[0], ends])
 
-    def dropped(self, s: int, epoch: int) -> int:
-        return sum(self.sources[s].sizes) - self.slots * self.epoch_len(s, epoch)
+    def pieces(self, s: int, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        """The (shard, first, stop) sample ranges (file order) that make up `slot`'s contiguous
+        range [slot * E, (slot + 1) * E) of source s's stream in `epoch`."""
+        order, bounds = self.spans(s, epoch)
+        E = self.epoch_len(s)
+        lo, hi = slot * E, (slot + 1) * E
+        first = int(np.searchsorted(bounds, lo, side="right")) - 1
+        last = int(np.searchsorted(bounds, hi - 1, side="right")) - 1
+        pieces = [
+            (int(order[i]), max(lo - int(bounds[i]), 0), min(hi, int(bounds[i + 1])) - int(bounds[i]))
+            for i in range(first, last + 1)
+        ]
+        return [p for p in pieces if p[2] > p[1]]
+
+    def epoch_len(self, s: int, epoch: int = 0) -> int:
+        """E(s): samples every slot yields from source s per epoch (the same in every epoch)."""
+        return self.samples(s) // self.slots
+
+    def dropped(self, s: int, epoch: int = 0) -> int:
+        """Samples of source s per epoch that no slot yields: the stream's last N mod S."""
+        return self.samples(s) - self.slots * self.epoch_len(s, epoch)
+
+    def read_factor(self, s: int, epoch: int = 0) -> float:
+        """Samples of source s that all slots read in `epoch` (whole shards) / N(s): shards cut by
+        a slot boundary are read twice."""
+        _, bounds = self.spans(s, epoch)
+        E, slots = self.epoch_len(s, epoch), np.arange(self.slots)
+        first = np.searchsorted(bounds, slots * E, side="right") - 1
+        last = np.searchsorted(bounds, (slots + 1) * E - 1, side="right") - 1
+        return float((bounds[last + 1] - bounds[first]).sum()) / self.samples(s)
 
     def choices(self, rank: int, worker: int, start: int, stop: int) -> np.ndarray:
         """Source of samples [start, stop) of a logical worker."""
@@ -179,12 +209,8 @@ class Layout:
 
     def advance(self, s: int, cursor: tuple[int, int], count: int) -> tuple[int, int]:
         """The (epoch, offset) of source s's slot stream `count` samples after `cursor`."""
-        epoch, offset = cursor
-        offset += count
-        while offset >= (length := self.epoch_len(s, epoch)):
-            offset -= length
-            epoch += 1
-        return epoch, offset
+        epochs, offset = divmod(cursor[1] + count, self.epoch_len(s))
+        return cursor[0] + epochs, offset
 
     def cursors(self, rank: int, worker: int, samples: int, start: list[tuple[int, int]], only=None):
         """Per-source (epoch, offset) after a logical worker's first `samples` samples
@@ -218,52 +244,74 @@ class Layout:
         return theirs == [(s["weight"], s["train_hash"]) for s in mine["sources"]]
 
 
+class _LayoutV1(Layout):
+    """STATE_VERSION 1 epoch lengths (group j read by slot j % S, every slot cut to the smallest
+    one), only to place a version-1 state in the current layout (`TrainLoader._approximate`)."""
+
+    def epoch_len(self, s: int, epoch: int = 0) -> int:
+        sizes = np.asarray(self.sources[s].sizes, dtype=np.int64)[self.order(s, epoch)]
+        group = np.arange(sizes.size) // self.shuffle_shards
+        per_slot = np.bincount(group % self.slots, weights=sizes, minlength=self.slots)
+        if per_slot.min() == 0:
+            raise LoaderConfigError(f"version-1 layout: a reader slot gets no samples in epoch {epoch}")
+        return int(per_slot.min())
+
+    def advance(self, s: int, cursor: tuple[int, int], count: int) -> tuple[int, int]:
+        epoch, offset = cursor
+        offset += count
+        while offset >= (length := self.epoch_len(s, epoch)):
+            offset -= length
+            epoch += 1
+        return epoch, offset
+
+
 # -- reading one slot's stream of one source ----------------------------------------------
 class _SlotReader:
     """Samples of one source's stream for one reader slot; holds only the current group."""
 
     def __init__(self, layout: Layout, s: int, slot: int):
         self.layout, self.s, self.slot = layout, s, slot
-        src = layout.sources[s]
-        self.location = ShardLocation(src.location)
+        self.location = ShardLocation(layout.sources[s].location)
         self.epoch = -1
-        self.group_ends = np.zeros(0, dtype=np.int64)
-        self.groups: list[np.ndarray] = []
-        self.loaded = None  # (position, first offset, tokens, segments, keys)
+        self.groups: list[list[tuple[int, int, int]]] = []  # the slot's pieces, shuffle_shards at a time
+        self.group_ends = np.zeros(0, dtype=np.int64)  # in the slot's epoch stream
+        self.loaded = None  # (group index, its first offset, tokens, segments, keys)
 
     def _epoch(self, epoch: int) -> None:
-        lay, src = self.layout, self.layout.sources[self.s]
-        order = lay.order(self.s, epoch)
-        g = lay.shuffle_shards
-        mine = range(self.slot, lay.groups(self.s), lay.slots)
-        self.groups = [order[j * g : (j + 1) * g] for j in mine]
-        self.group_ids = list(mine)
-        self.group_ends = np.cumsum([sum(src.sizes[i] for i in grp) for grp in self.groups])
+        pieces, g = self.layout.pieces(self.s, epoch, self.slot), self.layout.shuffle_shards
+        self.groups = [pieces[i : i + g] for i in range(0, len(pieces), g)]
+        self.group_ends = np.cumsum([sum(stop - first for _, first, stop in grp) for grp in self.groups])
         self.epoch, self.loaded = epoch, None
 
-    def _load(self, pos: int) -> None:
+    def _read(self, shard: int, first: int, stop: int) -> tuple[list, list, list]:
+        """Keys, tokens and segments of samples [first, stop) of a shard (read whole, counted)."""
         src, lay = self.layout.sources[self.s], self.layout
-        tokens, segments, keys = [], [], []
-        for i in self.groups[pos]:
-            name, n = src.names[i], 0
-            for key, tok, seg in read_shard(self.location, name, seq_len=lay.seq_len, dtype=src.dtype):
+        name, keys, tokens, segments, n = src.names[shard], [], [], [], 0
+        for key, tok, seg in read_shard(self.location, name, seq_len=lay.seq_len, dtype=src.dtype):
+            if first <= n < stop:
                 keys.append(key)
                 tokens.append(tok)
                 segments.append(seg)
-                n += 1
-            if n != src.sizes[i]:
-                raise ShardFormatError(
-                    f"{self.location.url(name)}: {n} samples, the manifest says {src.sizes[i]}"
-                )
-        perm = _rng(_TAG_GROUP, lay.seed, self.s, self.epoch, self.group_ids[pos]).permutation(len(keys))
-        first = int(self.group_ends[pos - 1]) if pos else 0
-        self.loaded = (
-            pos,
-            first,
-            np.stack(tokens)[perm],
-            np.stack(segments)[perm],
-            np.asarray(keys, dtype=np.int64)[perm],
-        )
+            n += 1
+        if n != src.sizes[shard]:
+            raise ShardFormatError(
+                f"{self.location.url(name)}: {n} samples, the manifest says {src.sizes[shard]}"
+            )
+        return keys, tokens, segments
+
+    def _load(self, j: int) -> None:
+        """Group j of the slot's epoch: its pieces' samples, permuted jointly."""
+        keys, tokens, segments = [], [], []
+        for piece in self.groups[j]:
+            piece_keys, piece_tokens, piece_segments = self._read(*piece)
+            keys += piece_keys
+            tokens += piece_tokens
+            segments += piece_segments
+        lay = self.layout
+        perm = _rng(_TAG_GROUP, lay.seed, self.s, self.epoch, self.slot, j).permutation(len(keys))
+        first = int(self.group_ends[j - 1]) if j else 0
+        keys = np.asarray(keys, dtype=np.int64)[perm]
+        self.loaded = (j, first, np.stack(tokens)[perm], np.stack(segments)[perm], keys)
 
     def take(self, epoch: int, start: int, count: int):
         """Rows [start, start + count) of this slot's epoch stream, all from one group;
@@ -272,8 +320,8 @@ class _SlotReader:
             self._epoch(epoch)
         if self.loaded is None or not (self.loaded[1] <= start < self.group_ends[self.loaded[0]]):
             self._load(int(np.searchsorted(self.group_ends, start, side="right")))
-        pos, first, tokens, segments, keys = self.loaded
-        stop = min(start + count, int(self.group_ends[pos]))
+        j, first, tokens, segments, keys = self.loaded
+        stop = min(start + count, int(self.group_ends[j]))
         a, b = start - first, stop - first
         return tokens[a:b], segments[a:b], keys[a:b], stop - start
 
@@ -326,6 +374,29 @@ class _RankStream(IterableDataset):
             batch += 1
 
 
+def _saved_position(state: dict) -> tuple[int, list[tuple[int, int]]]:
+    """(batches, start) of a saved state."""
+    try:
+        batches = int(state["batches"])
+        start = [tuple(c) for c in state.get("start") or [(0, 0)] * len(state["sources"])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoaderConfigError(f"data loader state without a readable position ({e!r}): {state}") from e
+    return batches, start
+
+
+def _epoch_progress(layout: Layout, batches: int, start: list, only: dict) -> np.ndarray:
+    """Per source of `layout` (those in `only`): epochs completed by rank 0 after `batches`
+    batches, fractional, averaged over its logical workers."""
+    W, B = layout.workers, layout.micro_batch_size
+    progress = np.zeros(len(layout.sources))
+    for lw in range(W):
+        n = batches // W + (1 if lw < batches % W else 0)
+        for j, cursor in enumerate(layout.cursors(0, lw, n * B, start, only=only)):
+            if cursor is not None:
+                progress[j] += (cursor[0] + cursor[1] / layout.epoch_len(j, cursor[0])) / W
+    return progress
+
+
 # -- the public loader --------------------------------------------------------------------
 class TrainLoader:
     """Iterator of microbatches for one data-parallel rank (see the module docstring).
@@ -341,14 +412,14 @@ class TrainLoader:
         if state is not None:
             self._restore(state)
         lay, W, B = layout, layout.workers, layout.micro_batch_size
-        self.dropped_per_epoch = [lay.dropped(s, 0) for s in range(len(lay.sources))]
-        single = len(lay.sources) == 1
-        self.batches_per_epoch = W * lay.epoch_len(0, 0) // B if single else None
+        sources = range(len(lay.sources))
+        self.samples_per_epoch = [lay.slots * lay.epoch_len(s) for s in sources]  # all ranks together
+        self.dropped_per_epoch = [lay.dropped(s) for s in sources]
+        self.batches_per_epoch = W * lay.epoch_len(0) // B if len(lay.sources) == 1 else None
         self.limit = None  # batches per logical worker
         if epochs is not None:
             e0, o0 = self.start[0]
-            remaining = sum(lay.epoch_len(0, e) for e in range(e0, epochs)) - o0
-            self.limit = max(remaining, 0) // B
+            self.limit = max((epochs - e0) * lay.epoch_len(0) - o0, 0) // B
         self.total_batches = None if self.limit is None else W * self.limit
         self._loader = None
         self._iter = None
@@ -363,39 +434,42 @@ class TrainLoader:
         }
 
     def _restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
             raise LoaderConfigError(
-                f"data loader state version {state.get('version')!r}, this loader reads {STATE_VERSION}"
+                f"data loader state version {version!r}: this loader reads version {STATE_VERSION} "
+                "(and 1, placed approximately)"
             )
-        try:
-            batches = int(state["batches"])
-            start = [tuple(c) for c in state.get("start") or [(0, 0)] * len(state["sources"])]
-        except (KeyError, TypeError, ValueError) as e:
-            raise LoaderConfigError(f"data loader state without a readable position ({e!r}): {state}") from e
-        if self.layout.same_stream(state):
+        batches, start = _saved_position(state)
+        if version == STATE_VERSION and self.layout.same_stream(state):
             self.batches, self.start = batches, start
             return
         self.start = self._approximate(state, batches, start)
         self.batches = 0
+        diff, now = self._changes(state), self.state_dict()
+        log.warning(
+            "data loader: the saved state was made with a different layout or loader version (%s: %s -> %s); "
+            "continuing each source at the same fraction of its current epoch (approximate: within that "
+            "epoch some samples repeat and others are skipped). Positions (epoch, offset): %s",
+            ", ".join(diff),
+            {k: state.get(k) for k in diff if k != "sources"},
+            {k: now[k] for k in diff if k != "sources"},
+            self.start,
+        )
+
+    def _changes(self, state: dict) -> list[str]:
+        """Names of the layout keys (and "version") in which a saved state differs from this loader."""
         mine = self.layout.describe()
         diff = [k for k in mine if k != "sources" and state.get(k) != mine[k]]
         if [(s.get("weight"), s.get("train_hash")) for s in state.get("sources", [])] != [
             (s["weight"], s["train_hash"]) for s in mine["sources"]
         ]:
             diff.append("sources")
-        log.warning(
-            "data loader: the saved state was made with a different layout (%s: %s -> %s); continuing "
-            "each source at the same fraction of its current epoch (approximate: within that epoch some "
-            "samples repeat and others are skipped). Positions (epoch, offset): %s",
-            ", ".join(diff),
-            {k: state.get(k) for k in diff if k != "sources"},
-            {k: mine[k] for k in diff if k != "sources"},
-            self.start,
-        )
+        return diff + (["version"] if state.get("version") != STATE_VERSION else [])
 
-    def _approximate(self, state: dict, batches: int, start: list) -> list[tuple[int, int]]:
-        """Each current source's (epoch, offset) at the epoch fraction rank 0 of the saved
-        layout had reached (averaged over its workers); rank-independent."""
+    def _saved_layout(self, state: dict) -> tuple[Layout, dict[int, int]]:
+        """The layout a state was saved with (the current shard lists of the sources it shares
+        with this loader) and {saved source index: current index}."""
         current = self.layout.sources
         by_hash = {s.train_hash: i for i, s in enumerate(current)}
         by_location = {s.location: i for i, s in enumerate(current)}
@@ -407,25 +481,26 @@ class TrainLoader:
             old_sources.append(Source(location, weight, base.names, base.sizes, base.dtype, ""))
             if i is not None and i not in matched.values():
                 matched[j] = i
-        result = [(0, 0)] * len(current)
+        kind = _LayoutV1 if state.get("version") == 1 else Layout
+        old = kind(
+            tuple(old_sources),
+            self.layout.seq_len,
+            int(state["micro_batch_size"]),
+            int(state["dp_size"]),
+            max(int(state["num_workers"]), 1),
+            int(state["seed"]),
+            int(state["shuffle_shards"]),
+        )
+        return old, matched
+
+    def _approximate(self, state: dict, batches: int, start: list) -> list[tuple[int, int]]:
+        """Each current source's (epoch, offset) at the epoch fraction rank 0 of the saved
+        layout had reached (averaged over its workers); rank-independent."""
+        result = [(0, 0)] * len(self.layout.sources)
         try:
-            old = Layout(
-                tuple(old_sources),
-                self.layout.seq_len,
-                int(state["micro_batch_size"]),
-                int(state["dp_size"]),
-                max(int(state["num_workers"]), 1),
-                int(state["seed"]),
-                int(state["shuffle_shards"]),
-            )
+            old, matched = self._saved_layout(state)
             old.check(only=matched)
-            W, B = old.workers, old.micro_batch_size
-            progress = np.zeros(len(old_sources))
-            for lw in range(W):
-                n = batches // W + (1 if lw < batches % W else 0)
-                for j, cursor in enumerate(old.cursors(0, lw, n * B, start, only=matched)):
-                    if cursor is not None:
-                        progress[j] += (cursor[0] + cursor[1] / old.epoch_len(j, cursor[0])) / W
+            progress = _epoch_progress(old, batches, start, matched)
         except (LoaderConfigError, KeyError, ValueError, TypeError, IndexError) as e:
             log.warning("data loader: cannot place the saved state in the current data (%s); starts over", e)
             return result
@@ -467,23 +542,54 @@ class TrainLoader:
         except Exception:
             pass
 
-    def epoch_samples(self, source: int, epoch: int) -> int:
-        """Samples each (rank, worker) yields from `source` in `epoch` (E(s, e))."""
+    def epoch_samples(self, source: int, epoch: int = 0) -> int:
+        """Samples each (rank, worker) yields from `source` per epoch (E(s), the same in every epoch)."""
         return self.layout.epoch_len(source, epoch)
 
-    def dropped(self, source: int, epoch: int) -> int:
-        """Samples of `source` in `epoch` that no rank yields (equalisation)."""
+    def dropped(self, source: int, epoch: int = 0) -> int:
+        """Samples of `source` per epoch that no rank yields (fewer than the reader slots)."""
         return self.layout.dropped(source, epoch)
+
+    def epochs_for(self, total_samples: int) -> list[float]:
+        """Per source: epochs that a run of `total_samples` samples (all ranks together) goes
+        through; for a mixture the expected figure, from the weights."""
+        weights = [src.weight for src in self.layout.sources]
+        return [
+            total_samples * w / sum(weights) / n for w, n in zip(weights, self.samples_per_epoch, strict=True)
+        ]
+
+    def epoch_report(self, total_samples: int) -> str:
+        """One line for the trainer: samples per epoch (all ranks), dropped per epoch, and the
+        epochs a run of `total_samples` samples (all ranks) goes through, per source."""
+        lay, epochs = self.layout, self.epochs_for(total_samples)
+        ranks = f"{lay.dp_size} ranks x {lay.workers} workers"
+        if len(lay.sources) == 1:
+            return (
+                f"data: {self.samples_per_epoch[0]:,} samples per epoch over {ranks}, "
+                f"{self.dropped_per_epoch[0]:,} dropped per epoch; {total_samples:,} samples = "
+                f"{_epochs_text(epochs[0])} epochs"
+            )
+        parts = [
+            f"{src.location} x{src.weight:g}: {self.samples_per_epoch[s]:,} samples per epoch, "
+            f"{self.dropped_per_epoch[s]:,} dropped, ~{_epochs_text(epochs[s])} epochs"
+            for s, src in enumerate(lay.sources)
+        ]
+        return f"data over {ranks}: " + "; ".join(parts) + f" (in {total_samples:,} samples)"
 
     @property
     def summary(self) -> str:
         lay = self.layout
         parts = [
-            f"{src.location} x{src.weight:g}: {len(src.sizes)} shards, {sum(src.sizes):,} samples, "
-            f"{lay.epoch_len(s, 0):,}/slot/epoch, {self.dropped_per_epoch[s]:,} dropped/epoch"
+            f"{src.location} x{src.weight:g}: {len(src.sizes)} shards, {lay.samples(s):,} samples, "
+            f"{lay.epoch_len(s):,}/slot/epoch, {self.dropped_per_epoch[s]:,} dropped/epoch, "
+            f"shards read {lay.read_factor(s):.2f}x/epoch"
             for s, src in enumerate(lay.sources)
         ]
-        return f"{lay.dp_size} ranks x {lay.workers} workers; " + "; ".join(parts)
+        return f"{lay.dp_size} ranks x {lay.workers} workers = {lay.slots} reader slots; " + "; ".join(parts)
+
+
+def _epochs_text(epochs: float) -> str:
+    return f"{epochs:,.2f}" if epochs >= 1 else f"{epochs:.2g}"
 
 
 def _train_hash(train: dict) -> str:
