@@ -12,9 +12,11 @@ is checked from its headers first, so a bad source fails before anything is buil
 
 Export writes safetensors files of at most `max_shard_size` (+ index), config.json with the
 DLM fields and the tokenizer. `format=bidirectional` (default) is transformers' Gemma with
-`use_bidirectional_attention=True`: `AutoModelForCausalLM.from_pretrained(out)(ids).logits` are
-the denoiser's logits, no remote code. `format=source` is the Llama/Mistral/Qwen2 layout, which
-transformers runs causally unless the caller passes a full 4D attention mask.
+`use_bidirectional_attention=True` and `is_causal=False` (see BIDIRECTIONAL):
+`AutoModelForCausalLM.from_pretrained(out)(ids, attention_mask=...).logits` are the denoiser's
+logits under every attention implementation, padded batches included, no remote code.
+`format=source` is the Llama/Mistral/Qwen2 layout, which transformers runs causally unless the
+caller passes a full 4D attention mask.
 """
 
 from __future__ import annotations
@@ -53,6 +55,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BYTE_TOKENIZER_NOTE = (
     "byte-level run: no tokenizer written (ids 0-255 are bytes, 256 pad, 257 bos, 258 eos, 259 mask)"
 )
+BYTE_SOURCES = ("stdlib", "text")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# The Gemma config keys that make transformers (5.23) run every path bidirectionally:
+# - use_bidirectional_attention: GemmaAttention.is_causal = False (modeling_gemma.py), which SDPA
+#   and flash attention fall back on when no mask is materialised and no is_causal is passed;
+#   alone it leaves eager attention and padded batches causal (create_causal_mask builds a causal mask);
+# - is_causal: create_causal_mask (masking_utils.py) then builds create_bidirectional_mask (padding
+#   only), and GemmaModel.forward (merge_with_config_defaults, utils/generic.py) passes
+#   is_causal=False to every attention call: eager, sdpa, flex_attention, padded or not.
+# is_causal is an extra config attribute: from_pretrained sets it, save_pretrained writes it back.
+# With it, use_bidirectional_attention is redundant inside GemmaModel.forward; it is kept as
+# Gemma's documented flag (and for code that runs GemmaAttention without GemmaModel.forward).
+BIDIRECTIONAL = {"use_bidirectional_attention": True, "is_causal": False}
 
 
 @dataclass
@@ -333,6 +348,7 @@ class ExportPlan:
     tmp: Path
     tokenizer: Path | None
     tokenizer_note: str
+    token_ids: dict  # bos/eos/pad ids for config.json (TOKEN_ID_KEYS), None when unknown
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -373,25 +389,78 @@ def find_tokenizer(checkpoint: Path, config, state: dict) -> tuple[Path | None, 
             return run_tok, f"copied from {run_tok}"
         data = cfg.data
         if data.source == "shards":
-            model = data.tokenizer or _manifest_tokenizer(data)
+            model = data.tokenizer or (_manifest_tokenizer(data) or {}).get("path")
             folder = Path(model) if model and Path(model).is_dir() else Path(model or ".").parent
             if model and (folder / "tokenizer.json").is_file():
                 return folder, f"copied from {folder} (the tokenizer of {model})"
             return None, f"no tokenizer.json next to {model} (run `dlm tokenizer` to write it): none written"
-        if ckpt is checkpoint and data.source in ("stdlib", "text") and not cfg.checkpoint.init_from:
+        if ckpt is checkpoint and data.source in BYTE_SOURCES and not cfg.checkpoint.init_from:
             return None, BYTE_TOKENIZER_NOTE
-    if config.data.source in ("stdlib", "text"):
+    if config.data.source in BYTE_SOURCES:
         return None, BYTE_TOKENIZER_NOTE
     return None, "no tokenizer found: none written"
 
 
-def _manifest_tokenizer(data) -> str | None:
+def _manifest_tokenizer(data) -> dict | None:
+    """The tokenizer record of a shards run's first dataset: path, sha256, special ids."""
     try:
         from data.shards import load_manifest
 
-        return load_manifest(data.sources[0].path)["tokenizer"]["path"]
-    except Exception:  # noqa: BLE001 - a missing dataset only means no tokenizer to copy
+        return load_manifest(data.sources[0].path)["tokenizer"]
+    except Exception:  # noqa: BLE001 - a missing dataset only means no tokenizer to copy, no ids to take
         return None
+
+
+def special_token_ids(
+    source_config: dict | None, tokenizer: Path | None, checkpoint: Path, config, state: dict
+) -> dict:
+    """bos/eos/pad ids for config.json: the source model's (imports); each one it lacks is taken
+    from the exported tokenizer's files, else from the data the model was trained on."""
+    ids = {key: (source_config or {}).get(key) for key in TOKEN_ID_KEYS}
+    for found in _declared_token_ids(tokenizer, checkpoint, config, state):
+        if None not in ids.values():
+            break
+        ids = {key: found.get(key) if value is None else value for key, value in ids.items()}
+    return ids
+
+
+def _declared_token_ids(tokenizer: Path | None, checkpoint: Path, config, state: dict):
+    yield _tokenizer_token_ids(tokenizer)
+    yield _training_data_token_ids(checkpoint, config, state)
+
+
+def _tokenizer_token_ids(folder: Path | None) -> dict:
+    """The special ids that the tokenizer_config.json / special_tokens_map.json of a
+    tokenizer.json declare ({} without one)."""
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return {}
+    from data.tokenizer import HFTokenizer
+
+    try:
+        tok = HFTokenizer(folder)
+    except ValueError:  # e.g. no eos_token declared: nothing to take from it
+        return {}
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def _training_data_token_ids(checkpoint: Path, config, state: dict) -> dict:
+    """The special ids of the data the model was trained on: the dataset manifest of a shards
+    run, the byte tokenizer's of a byte-level run; none for an import."""
+    for _, cfg, st in _lineage(checkpoint, config, state):
+        if st.get("imported_from"):
+            return {}
+        if cfg.data.source == "shards":
+            record = _manifest_tokenizer(cfg.data) or {}
+            return {f"{name}_token_id": record.get(f"{name}_id") for name in ("bos", "eos", "pad")}
+        if cfg.data.source in BYTE_SOURCES and not cfg.checkpoint.init_from:
+            from data.corpus import ByteTokenizer
+
+            return {
+                "bos_token_id": ByteTokenizer.BOS,
+                "eos_token_id": ByteTokenizer.EOS,
+                "pad_token_id": ByteTokenizer.PAD,
+            }
+    return {}
 
 
 def _source_record(checkpoint: Path, config, state: dict) -> dict | None:
@@ -434,6 +503,7 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
     tokenizer, note = find_tokenizer(checkpoint, config, state)
     out, tmp = _check_output(cfg.output, cfg.overwrite)
     source_config = record.get("config") if record else None
+    token_ids = special_token_ids(source_config, tokenizer, checkpoint, config, state)
     return ExportPlan(
         checkpoint,
         config,
@@ -447,6 +517,7 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
         tmp,
         tokenizer,
         note,
+        token_ids,
     )
 
 
@@ -469,7 +540,7 @@ def build_hf_config(cfg: ExportHFConfig, plan: ExportPlan) -> dict:
         initializer_range=a.init_std,
         rope_parameters={"rope_type": "default", "rope_theta": a.rope_base},
     )
-    tokens = {k: (plan.source_config or {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tokens = plan.token_ids
     bidirectional = cfg.format == "bidirectional"
     if bidirectional:
         hf = transformers.GemmaConfig(
@@ -477,7 +548,7 @@ def build_hf_config(cfg: ExportHFConfig, plan: ExportPlan) -> dict:
             **tokens,
             attention_bias=a.qkv_bias,
             tie_word_embeddings=False,
-            use_bidirectional_attention=True,
+            **BIDIRECTIONAL,
         )
         architecture = "GemmaForCausalLM"
     else:

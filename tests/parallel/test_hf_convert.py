@@ -2,8 +2,11 @@
 
 - import at TP=1, TP=2 and PP=2: the imported denoiser run causally reproduces the HF logits;
 - export to Gemma (bidirectional): transformers' `model(ids).logits` equal the denoiser's
-  bidirectional logits (QKV bias, tied embeddings, fp32 and bf16); export format=source
-  gives back the source weights bit for bit (mask row aside);
+  bidirectional logits (QKV bias, tied embeddings, fp32 and bf16), under eager, sdpa and
+  flex_attention, for a padded batch too, computed in bf16 too, and after save_pretrained;
+  export format=source gives back the source weights bit for bit (mask row aside);
+- config.json's bos/eos/pad ids come from the tokenizer of a shards run (or its dataset
+  manifest) and are the byte ids of a byte-level run;
 - a model trained 2 steps at TP=2, exported under torchrun at TP=2, loads with
   AutoModelForCausalLM and is bidirectional;
 - bad sources fail with the file/key named and nothing written.
@@ -40,6 +43,11 @@ MODELS = {
 }
 INPUT = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 ATOL = 1e-5
+# A padded batch: row 0 is INPUT[0], row 1 is INPUT[1, :SHORT] followed by padding.
+SHORT = 10
+PADDED_MASK = (torch.arange(SEQ) < torch.tensor([[SEQ], [SHORT]])).long()
+PADDED = INPUT.masked_fill(PADDED_MASK == 0, 0)
+PATHS_MODEL = "llama"  # the export checked under every attention implementation, padded and in bf16
 
 
 def _save_model(name: str, path: Path) -> Path:
@@ -135,6 +143,8 @@ def _import_layout(sources: dict, out: str, tp: int, pp: int, exports: list) -> 
         _convert("export", [*argv, f"format={fmt}", f"dtype={dtype}", "max_shard_size=100KB", *layout])
         if name not in result["bidirectional"]:
             result["bidirectional"][name] = _our_logits(f"{out}/{name}", tp, pp, False, INPUT)
+        if name == PATHS_MODEL and "short" not in result:
+            result["short"] = _our_logits(f"{out}/{name}", tp, pp, False, INPUT[1:, :SHORT])
     return result
 
 
@@ -247,6 +257,88 @@ def test_bf16_gemma_export_error(root, imported):
     assert err_gemma < 2 * err_plain + 1e-3
 
 
+def _load_hf(path: Path, attention: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).eval()
+
+
+def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float() - want.float()).abs().max().item()
+
+
+def _padded_errors(model, want: torch.Tensor, want_short: torch.Tensor) -> dict[str, float]:
+    """Max |logit error| of `model` on the padded batch, under torch.no_grad: its full row
+    against our logits, its padded row against ours on the same text alone."""
+    with torch.no_grad():
+        padded = model(PADDED, attention_mask=PADDED_MASK).logits
+    return {
+        "padded batch, full row": _max_error(padded[0], want[0]),
+        "padded batch, padded row": _max_error(padded[1, :SHORT], want_short[0]),
+    }
+
+
+def _path_errors(model, want: torch.Tensor, want_short: torch.Tensor) -> dict[str, float]:
+    """_padded_errors, and the max |logit error| with no attention mask at all."""
+    with torch.no_grad():
+        plain = model(INPUT).logits
+    return {"no mask": _max_error(plain, want), **_padded_errors(model, want, want_short)}
+
+
+def _causal_copy(path: Path, dest: Path) -> Path:
+    """The export as it was before is_causal=False was written: use_bidirectional_attention only."""
+    shutil.copytree(path, dest)
+    config = json.loads((dest / "config.json").read_text())
+    del config["is_causal"]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.slow
+def test_gemma_export_is_bidirectional_on_every_attention_path(root, imported, tmp_path):
+    """eager and sdpa, no mask and a padded batch, after save_pretrained too; flex_attention (it
+    runs on CPU, each mask pattern costs a torch.compile) on the padded batch. The control
+    (use_bidirectional_attention without is_causal: today's export) fails these checks."""
+    path = _export_dir(root, PATHS_MODEL, "bidirectional", "float32")
+    config = json.loads((path / "config.json").read_text())
+    assert config["is_causal"] is False and config["use_bidirectional_attention"] is True
+    want, want_short = imported["tp1"]["bidirectional"][PATHS_MODEL], imported["tp1"]["short"]
+    errors = {a: _path_errors(_load_hf(path, a), want, want_short) for a in ("eager", "sdpa")}
+    errors["flex_attention"] = _padded_errors(_load_hf(path, "flex_attention"), want, want_short)
+    _load_hf(path, "eager").save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["is_causal"] is False
+    errors["eager, resaved"] = _path_errors(_load_hf(tmp_path / "resaved", "eager"), want, want_short)
+    print("max |HF - ours| per path:", json.dumps(errors, indent=1))
+    assert max(e for path_errors in errors.values() for e in path_errors.values()) < ATOL, errors
+    causal = _causal_copy(path, tmp_path / "causal")
+    control = {a: _path_errors(_load_hf(causal, a), want, want_short) for a in ("eager", "sdpa")}
+    print("without is_causal=False:", json.dumps(control, indent=1))
+    assert min(control["eager"].values()) > 1e-3 and control["sdpa"]["padded batch, full row"] > 1e-3
+
+
+@pytest.mark.slow
+def test_bf16_gemma_export_is_bidirectional_in_bf16(root, imported, tmp_path):
+    """Loaded and run in bf16 (eager and sdpa, no mask and padded): within the existing bf16
+    bound (twice the error of plain Llama-layout bf16 weights run in bf16 with a full 4D mask,
+    + 1e-3), a bound that the causal control exceeds."""
+    want, want_short = imported["tp1"]["bidirectional"][PATHS_MODEL], imported["tp1"]["short"]
+    source = _load_hf(_export_dir(root, PATHS_MODEL, "source", "bfloat16"), "sdpa", torch.bfloat16)
+    with torch.no_grad():
+        full = source(INPUT, attention_mask=torch.ones(2, 1, SEQ, SEQ, dtype=torch.bool)).logits
+        alone = source(
+            INPUT[1:, :SHORT], attention_mask=torch.ones(1, 1, SHORT, SHORT, dtype=torch.bool)
+        ).logits
+    bound = 2 * max(_max_error(full, want), _max_error(alone, want_short)) + 1e-3
+    path = _export_dir(root, PATHS_MODEL, "bidirectional", "bfloat16")
+    errors = {a: _path_errors(_load_hf(path, a, torch.bfloat16), want, want_short) for a in ("eager", "sdpa")}
+    print(f"bf16 bound {bound:.2e}; max |HF - ours| per path:", json.dumps(errors, indent=1))
+    assert max(e for path_errors in errors.values() for e in path_errors.values()) < bound, errors
+    causal = _path_errors(
+        _load_hf(_causal_copy(path, tmp_path / "causal"), "eager", torch.bfloat16), want, want_short
+    )
+    assert min(causal.values()) > bound, causal
+
+
 @pytest.mark.slow
 def test_source_export_round_trip_is_exact(root, imported, sources):
     from safetensors import safe_open
@@ -298,6 +390,10 @@ def test_export_of_a_tp2_trained_run(root):
         config["dlm"]["mask_token_id"] == 259 and config["dlm"]["source_architecture"] == "LlamaForCausalLM"
     )
     assert config["dlm"]["step"] == 2 and not list(out.glob("tokenizer*"))
+    from data.corpus import ByteTokenizer
+
+    ids = [config[f"{name}_token_id"] for name in ("pad", "bos", "eos")]
+    assert ids == [ByteTokenizer.PAD, ByteTokenizer.BOS, ByteTokenizer.EOS]
     ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
     want = spawn(_trained_logits, 1, str(run_dir), ids, timeout=300)[0]
     got = _hf_logits(out, ids)
@@ -339,6 +435,65 @@ def test_imported_model_trains_exports_and_samples(root, imported):
     model, _ = load(out)
     ids = generate_ids(model, INPUT[0, :4], gen_length=8, steps=8, block_length=4, vocab_size=VOCAB)
     assert ids.shape == (1, 12) and torch.equal(ids[0, :4], INPUT[0, :4]) and not (ids == VOCAB).any()
+
+
+# -- special token ids of a from-scratch shards run (export planning only: no weights, no processes) -----
+@pytest.fixture(scope="module")
+def shards_run_data(tmp_path_factory) -> tuple[Path, Path]:
+    """`dlm tokenizer` (sentencepiece + HF files) on the stdlib json package, and a dataset
+    prepared with a copy of its .model that has no HF files beside it."""
+    import sysconfig
+
+    from data.config import PrepareConfig, TokenizerConfig
+    from data.prepare import run as prepare
+    from data.tokenizer import run as train_tokenizer
+
+    root = tmp_path_factory.mktemp("shards_run")
+    corpus = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    model = train_tokenizer(TokenizerConfig(input=[corpus], output=str(root / "tok"), vocab_size=512))
+    (root / "sp_only").mkdir()
+    sp_only = shutil.copy(model, root / "sp_only" / model.name)
+    prepare(
+        PrepareConfig(
+            input=[corpus], output=str(root / "shards"), tokenizer=str(sp_only), seq_len=64, progress=False
+        )
+    )
+    return model, root / "shards"
+
+
+def _planned_run(run_dir: Path, overrides: list[str], vocab: int) -> Path:
+    """A run directory holding what export planning reads: checkpoints/latest, config.yaml, state.json."""
+    from pretrain.config import load_config, to_yaml
+
+    step = run_dir / "checkpoints" / "step_1"
+    step.mkdir(parents=True)
+    (step / "config.yaml").write_text(to_yaml(load_config(["model=tiny", *overrides])))
+    (step / "state.json").write_text(json.dumps({"step": 1, "derived": {"vocab_size": vocab}}))
+    (run_dir / "checkpoints" / "latest").write_text("step_1")
+    return run_dir
+
+
+def test_export_config_carries_the_special_ids_of_a_shards_run(shards_run_data, tmp_path):
+    """From the exported tokenizer's HF files (data.tokenizer set), else from the dataset
+    manifest (no HF files next to the manifest's tokenizer): the ids AutoTokenizer reports."""
+    from transformers import AutoTokenizer
+
+    from data.tokenizer import Tokenizer
+    from pretrain.convert import FORMATS, ExportHFConfig, build_export_plan, build_hf_config
+
+    model, dataset = shards_run_data
+    auto = AutoTokenizer.from_pretrained(model.parent)
+    want = {key: getattr(auto, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    assert None not in want.values()
+    data = ["data.source=shards", f"data.sources=[{{path:{dataset},weight:1.0}}]"]
+    for name, extra, tokenizer in (("hf", [f"data.tokenizer={model}"], True), ("manifest", [], False)):
+        run_dir = _planned_run(tmp_path / name, [*data, *extra], Tokenizer(model).vocab_size)
+        for fmt in FORMATS:
+            cfg = ExportHFConfig(checkpoint=str(run_dir), output=str(tmp_path / f"{name}-out"), format=fmt)
+            plan = build_export_plan(cfg)
+            assert (plan.tokenizer is not None) == tokenizer, plan.tokenizer_note
+            config = build_hf_config(cfg, plan)
+            assert {key: config[key] for key in want} == want, (name, fmt)
 
 
 # -- bad inputs: clear errors, nothing written (no process group is ever created) ----------------------
