@@ -11,6 +11,15 @@ with w(t) = 1/t ('elbo', the ELBO weight of the log-linear schedule) or 1
 tokens ('masked'). `diffusion_loss` returns the sum and N separately so that the
 trainer can normalise over the whole global batch.
 
+Only 'elbo' with 'tokens' is the (negative) ELBO, an unbiased estimate of a bound on the
+per-token NLL. Dividing by the masked count instead ('masked') makes a ratio
+estimator, sum(w CE) / #masked: biased, and not a bound, whatever the weighting
+(MDLM-style runs use it for a steadier loss scale).
+
+Every tensor created here follows the device of the inputs it is combined with; the
+noise is drawn by host (CPU) generators keyed by the sample and moved to the tokens'
+device, so a GPU run draws the same masks as a CPU run.
+
 Noise is a function of (seed, global sample index) only: each sample gets its own
 counter-based generator, so every tensor/pipeline rank and every layout draws
 the same t and the same mask for the same sample.
@@ -19,6 +28,7 @@ the same t and the same mask for the same sample.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +39,7 @@ NORMALIZATIONS = ("tokens", "masked")
 
 _STREAM_T = 0x7A11
 _STREAM_MASK = 0x3A5C
+_STREAM_STRATA = 0x57A7
 _MASK64 = (1 << 64) - 1
 
 
@@ -45,8 +56,25 @@ def mix_seed(*parts: int) -> int:
 
 
 def _uniform(seed: int, stream: int, index: int, n: int) -> torch.Tensor:
+    """Host-side draws (a CPU generator keyed by the sample, so every device and layout
+    draws the same numbers); callers move the result to their tensors' device."""
     g = torch.Generator().manual_seed(mix_seed(seed, stream, index))
-    return torch.rand(n, generator=g, dtype=torch.float64)
+    return torch.rand(n, generator=g, dtype=torch.float64, device="cpu")
+
+
+def _stratified_u(seed: int, index: int, size: int) -> torch.Tensor:
+    """u of global sample `index`: its batch's offset + its stratum / size, mod 1."""
+    batch, position = divmod(index, size)
+    return (_uniform(seed, _STREAM_T, batch, 1)[0] + _strata(seed, batch, size)[position] / size) % 1.0
+
+
+@lru_cache(maxsize=64)
+def _strata(seed: int, batch: int, size: int) -> tuple[int, ...]:
+    """Which stratum each sample of global batch `batch` gets: a permutation of
+    range(size) from (seed, batch), so a data-parallel rank's contiguous share of the
+    batch holds strata from all over [0, 1), not one band."""
+    g = torch.Generator().manual_seed(mix_seed(seed, _STREAM_STRATA, batch))
+    return tuple(torch.randperm(size, generator=g, device="cpu").tolist())
 
 
 def sample_t(
@@ -61,8 +89,11 @@ def sample_t(
 
     'uniform': t = eps + (1 - eps) u with u ~ U(0, 1) per sample (LLaDA).
     'stratified': antithetic over the global batch (MDLM): sample k of global batch s
-    gets u = (u_s + k / B) mod 1, one u_s per batch, so each global batch covers
-    [0, 1) evenly.
+    gets u = (u_s + pi_s(k) / B) mod 1, one u_s per batch and pi_s a permutation of
+    range(B) from (seed, s), so each global batch covers [0, 1) evenly and every
+    data-parallel share of it draws strata from the whole range (with masked-only
+    logits the work per rank grows with t: contiguous strata would make one rank the
+    slowest every step). Both depend on the global index only, not on the layout.
     """
     if method not in T_SAMPLING:
         raise ValueError(f"t sampling {method!r} is not one of {T_SAMPLING}")
@@ -72,8 +103,7 @@ def sample_t(
     else:
         if not global_batch_size:
             raise ValueError("stratified t sampling needs global_batch_size")
-        B = global_batch_size
-        u = torch.stack([(_uniform(seed, _STREAM_T, i // B, 1)[0] + (i % B) / B) % 1.0 for i in idx])
+        u = torch.stack([_stratified_u(seed, i, global_batch_size) for i in idx])
     return (eps + (1.0 - eps) * u).float()
 
 
@@ -157,5 +187,5 @@ def diffusion_loss(
     if normalization == "masked":
         count = is_masked.sum()
     else:
-        count = valid.sum() if valid is not None else torch.tensor(targets.numel())
+        count = valid.sum() if valid is not None else torch.tensor(targets.numel(), device=targets.device)
     return loss_sum, count.to(torch.int64).reshape(())

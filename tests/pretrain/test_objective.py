@@ -169,6 +169,24 @@ def test_sample_t_stratified_differs_between_global_batches():
     assert not torch.equal(torch.sort(t0).values, torch.sort(t1).values)
 
 
+def test_sample_t_stratified_gives_each_data_parallel_share_strata_from_the_whole_range():
+    """A data-parallel rank's contiguous share of the global batch must not be one band of
+    strata (with masked-only logits its work grows with t: the rank with the high band is
+    the slowest every step). Over 50 steps of B=64 at dp=8, the shares' mean t stays near
+    the batch mean (random subsets of 8 strata: spread ~0.1), and which rank gets the
+    highest strata changes from step to step."""
+    B, dp, steps = 64, 8, 50
+    spreads, highest = [], set()
+    for step in range(steps):
+        t = sample_t(torch.arange(step * B, (step + 1) * B), seed=3, method="stratified", global_batch_size=B)
+        share_means = t.reshape(dp, B // dp).double().mean(dim=1)
+        spreads.append((share_means.max() - share_means.min()).item())
+        highest.add(int(t.argmax()) // (B // dp))
+    # contiguous bands give a spread of ~(dp - 1) / dp = 0.875 whatever the offset
+    assert sum(spreads) / steps < 0.5, sum(spreads) / steps
+    assert len(highest) >= dp // 2
+
+
 @pytest.mark.parametrize("gbs", [None, 0])
 def test_sample_t_stratified_needs_global_batch_size(gbs):
     with pytest.raises(ValueError):
@@ -585,3 +603,50 @@ def test_logit_shift_without_shift_is_the_identity_and_refuses_a_masked_position
     assert torch.equal(logit_positions(is_masked, shift=False), is_masked)
     with pytest.raises(ValueError, match="position 0"):
         logit_positions(is_masked, shift=True)
+
+
+# ---------------------------------------------------------------------------
+# Device discipline: every tensor follows the inputs' device
+# ---------------------------------------------------------------------------
+
+
+def _objective(device, weighting: str, normalization: str, masked_only: bool, shift: bool) -> dict:
+    B, L, V = 3, 12, 16
+    index = torch.arange(5, 5 + B)
+    tokens = (torch.arange(B * L).reshape(B, L) % (V - 1)).to(device)
+    t = sample_t(index, seed=1, method="stratified", global_batch_size=8).to(device)
+    maskable = shift_maskable(tokens.shape, tokens.device) if shift else None
+    noisy, is_masked = mask_tokens(tokens, t, index, seed=1, mask_id=V - 1, maskable=maskable)
+    positions = logit_positions(is_masked, shift=shift)
+    logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(0)).to(device)
+    logits = logits[positions] if masked_only else logits
+    valid = None if normalization == "masked" else torch.ones_like(tokens, dtype=torch.bool)
+    loss_sum, count = diffusion_loss(
+        logits, tokens, is_masked, t, weighting=weighting, normalization=normalization, valid=valid
+    )
+    loss_sum_no_valid, count_no_valid = diffusion_loss(
+        logits, tokens, is_masked, t, weighting=weighting, normalization=normalization
+    )
+    return {
+        "noisy": noisy,
+        "positions": positions,
+        "sums": torch.stack([loss_sum, loss_sum_no_valid, count.double(), count_no_valid.double()]),
+    }
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "uniform"])
+@pytest.mark.parametrize("normalization", ["tokens", "masked"])
+@pytest.mark.parametrize(("masked_only", "shift"), [(True, False), (False, True)])
+def test_objective_follows_the_inputs_device(weighting, normalization, masked_only, shift):
+    """On a device that is not the CPU (tests/simulated_device.py: a CPU tensor mixed in
+    raises, as on a GPU), every output is on that device and equals the CPU result."""
+    from tests.simulated_device import DEVICE, OnDevice, simulated_device, values
+
+    args = (weighting, normalization, masked_only, shift)
+    cpu = _objective(torch.device("cpu"), *args)
+    with simulated_device():
+        out = _objective(DEVICE, *args)
+        assert all(isinstance(v, OnDevice) for v in out.values())
+        got = values(out)
+    for key in cpu:
+        assert torch.equal(got[key], cpu[key]), key
