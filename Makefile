@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 RUN_DIR ?= runs/stdlib-cpu-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install data train test test-fast lint format bench clean
+.PHONY: install data train test test-fast gpu-check lint format bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: install lint
 ## Skip the multi-process trainer runs.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+## On a GPU machine: every gpu-marked test, a 20-step bf16 Transformer Engine run, and a
+## tp=2 run with two GPUs; one verdict line (tests/gpu_check.py).
+gpu-check: install
+	$(PY) tests/gpu_check.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -121,8 +121,23 @@ class TrainData:
     def state_dict(self) -> dict | None:
         return None
 
+    def epoch_report(self, total_samples: int) -> str:
+        """One line for the start of a run that will consume `total_samples` (global)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
+
+
+class NoData(TrainData):
+    """A rank that reads nothing: its tensor-parallel group's first rank reads and
+    broadcasts, or its pipeline stage needs no data (a middle stage without document
+    attention)."""
+
+    summary = "read by another rank of the tensor-parallel group"
+
+    def epoch_report(self, total_samples: int) -> str:
+        return ""
 
 
 class ByteWindows(TrainData):
@@ -133,6 +148,13 @@ class ByteWindows(TrainData):
 
     def train(self, index):
         return self._batch(self.dataset.train_samples(index))
+
+    def epoch_report(self, total_samples: int) -> str:
+        n = self.dataset.num_train
+        return (
+            f"epoch: {n:,} windows (every one read, none dropped); {total_samples:,} samples = "
+            f"{total_samples / n:.2f} epochs"
+        )
 
     def eval(self, index):
         return self._batch(self.dataset.eval_samples(index))
@@ -166,7 +188,7 @@ class ShardStream(TrainData):
         self.micro_batch_size = micro_batch_size
         self._eval: dict[str, torch.Tensor] | None = None
         self._sources = [(s.path, s.weight) for s in cfg.sources]
-        self.summary = vocab.summary
+        self.summary = f"{vocab.summary}; {self.loader.summary}"
 
     def train(self, index):
         if len(index) != self.micro_batch_size:
@@ -182,6 +204,9 @@ class ShardStream(TrainData):
 
     def state_dict(self):
         return self.loader.state_dict()
+
+    def epoch_report(self, total_samples: int) -> str:
+        return self.loader.epoch_report(total_samples)
 
     def close(self):
         self.loader.close()

@@ -30,6 +30,7 @@ _EXPORTS = {
     "padded_vocab_size": "parallel.topology",
     "ModelDims": "parallel.dims",
     "build_model": "parallel.model",
+    "use_transformer_engine": "parallel.model",
     "Engine": "parallel.engine",
     "OptimizerSettings": "parallel.engine",
     "build_engine": "parallel.engine",

@@ -3,8 +3,9 @@
 megatron DDP (gradient buffers, data-parallel reduction) + DistributedOptimizer
 (ZeRO-1: AdamW states sharded over data-parallel ranks) + the pipeline schedules of
 `get_forward_backward_func`. pretrain/ drives it through four calls:
-`forward_backward`, `optimizer_step`, `global_sum` and the vocab-parallel loss
-helpers `cross_entropy` / `correct`.
+`forward_backward`, `optimizer_step`, `broadcast_batch` (one data read per
+tensor-parallel group), `global_sum` and the vocab-parallel loss helpers
+`cross_entropy` / `correct`.
 """
 
 from __future__ import annotations
@@ -122,6 +123,25 @@ class Engine:
         torch.distributed.all_reduce(target_logit, group=group)
         torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
         return target_logit >= best
+
+    # -- data ------------------------------------------------------------------------------
+    def broadcast_batch(self, batch: dict | None, keys: tuple[str, ...], shape: tuple[int, int]) -> dict:
+        """The microbatch `keys` ([b, s] integer tensors) on this rank's device, as read by
+        the first rank of its tensor-parallel group (`batch`; None elsewhere), as
+        Megatron-LM's get_batch_on_this_tp_rank: one read per group, one broadcast."""
+        device = self.topo.device
+        if self.topo.tp == 1 or not keys:
+            return {key: batch[key].to(device) for key in keys}
+        if batch is not None:
+            packed = torch.stack([batch[key].to(device, torch.int64) for key in keys])
+        else:
+            packed = torch.empty((len(keys), *shape), dtype=torch.int64, device=device)
+        torch.distributed.broadcast(
+            packed,
+            src=parallel_state.get_tensor_model_parallel_src_rank(),
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
+        return dict(zip(keys, packed.unbind(0), strict=True))
 
     # -- metrics ---------------------------------------------------------------------------
     def global_sum(self, values: torch.Tensor) -> torch.Tensor:

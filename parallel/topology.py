@@ -109,8 +109,13 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @property
+    def backend(self) -> str:
+        """The torch.distributed backend: NCCL on GPUs, gloo on CPU."""
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
     def describe(self) -> str:
-        return f"world={self.world_size} tp={self.tp} pp={self.pp} dp={self.dp}"
+        return f"world={self.world_size} tp={self.tp} pp={self.pp} dp={self.dp} ({self.backend})"
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def select_device(local_rank: int) -> None:
+    """Bind this process to GPU `local_rank % visible devices`, as Megatron-LM does: under
+    Slurm with --gpus-per-task=1 every process sees one device (index 0) whatever its
+    local rank; under torchrun it sees them all. No-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
 def init_distributed(
     *, tp: int, pp: int, dp: int | None, seed: int, model_dims: dict, timeout_minutes: int = 30
 ) -> Topology:
@@ -184,14 +197,12 @@ def init_distributed(
     from parallel import cpu
 
     cpu.apply()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank)
-    backend = "gloo" if cpu.needed() else "nccl"
+    select_device(launch.local_rank)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         torch.distributed.init_process_group(
-            backend,
+            topo.backend,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(minutes=timeout_minutes),

@@ -335,6 +335,7 @@ class Derived:
     params: dict
     flops_per_token: float  # model FLOPs (fwd + bwd) per trained token, excluding the output layer
     flops_per_scored_token: float  # output layer FLOPs per scored (masked) position
+    precision: str  # train.precision resolved: bf16 | fp32 (auto: bf16 with CUDA)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -386,7 +387,17 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         params=params,
         flops_per_token=float(flops_per_token),
         flops_per_scored_token=float(6 * m.hidden_size * padded),
+        precision=resolve_precision(t.precision),
     )
+
+
+def resolve_precision(setting: str) -> str:
+    """train.precision: 'auto' is bf16 where CUDA is available, fp32 on CPU."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:

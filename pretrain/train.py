@@ -43,6 +43,8 @@ class Run:
     consumed_samples: int = 0
     logger: MetricsLogger | None = None
     peak_flops: float = 0.0
+    stage_keys: tuple[str, ...] = ()  # what this pipeline stage needs of a microbatch
+    reads_data: bool = False  # this rank reads for its tensor-parallel group
 
     @property
     def is_logging_rank(self) -> bool:
@@ -52,25 +54,32 @@ class Run:
 # -- the objective, as megatron's forward_step / loss_func pair ----------------------------
 def forward_step(run: Run, seed: int, batch: dict, model):
     """Noise a microbatch (a function of seed and global sample indices only, so every
-    tensor/pipeline rank draws the same masks) and run this pipeline stage."""
+    tensor/pipeline rank draws the same masks) and run this pipeline stage. A middle
+    stage gets no tokens (its input is the previous stage's output) and computes no loss."""
+    segments = batch.get("segments")
+    if "tokens" not in batch:
+        return model(None, segments=segments), _no_loss
     obj = run.cfg.objective
-    tokens, index = batch["tokens"].to(run.topo.device), batch["index"]
+    tokens, index = batch["tokens"], batch["index"]
     t = sample_t(
         index,
         seed=seed,
         method=obj.t_sampling,
         eps=obj.eps,
         global_batch_size=run.cfg.train.global_batch_size,
-    )
+    ).to(tokens.device)
     shift = run.cfg.model.logit_shift
     maskable = shift_maskable(tokens.shape, tokens.device) if shift else None
     noisy, is_masked = mask_tokens(
         tokens, t, index, seed=seed, mask_id=run.derived.mask_id, maskable=maskable
     )
     positions = logit_positions(is_masked, shift=shift)
-    segments = batch["segments"].to(tokens.device) if run.cfg.model.attention == "document" else None
     output = model(noisy, logit_positions=positions if obj.logits == "masked" else None, segments=segments)
-    return output, partial(loss_fn, run, tokens, is_masked, positions, t.to(tokens.device))
+    return output, partial(loss_fn, run, tokens, is_masked, positions, t)
+
+
+def _no_loss(output):
+    raise RuntimeError("a middle pipeline stage has no loss: megatron calls loss_fn on the last stage only")
 
 
 def loss_fn(run: Run, tokens, is_masked, positions, t, output):
@@ -94,12 +103,31 @@ def loss_fn(run: Run, tokens, is_masked, positions, t, output):
 
 
 # -- one optimizer step ----------------------------------------------------------------------
+def stage_data_keys(cfg: Config, topo: parallel.Topology) -> tuple[str, ...]:
+    """What this rank's pipeline stage needs of a microbatch: tokens on the first (input)
+    and last (targets) stage, segments on every stage under document attention."""
+    keys = ("tokens",) if topo.is_first_stage or topo.is_last_stage else ()
+    return keys + ("segments",) if cfg.model.attention == "document" else keys
+
+
 def microbatches(run: Run, first_index: int, samples):
-    """This data-parallel rank's share of the global batch starting at `first_index`."""
+    """This data-parallel rank's share of the global batch starting at `first_index`.
+    One rank per tensor-parallel group reads (and only on stages that need data); the
+    group receives its microbatch by broadcast, as in Megatron-LM."""
     d, mbs = run.derived, run.cfg.train.micro_batch_size
     start = first_index + run.topo.dp_rank * d.samples_per_dp_rank
-    for index in torch.arange(start, start + d.samples_per_dp_rank).split(mbs):
-        yield {**samples(index), "index": index}
+    shape = (mbs, run.cfg.data.seq_len)
+    for index in torch.arange(start, start + d.samples_per_dp_rank, device="cpu").split(mbs):
+        batch = samples(index) if run.reads_data else None
+        yield {**run.engine.broadcast_batch(batch, run.stage_keys, shape), "index": index}
+
+
+def sum_reports(reports: list[dict], device: torch.device) -> torch.Tensor:
+    """This rank's microbatch statistics summed (zeros on stages without a loss)."""
+    total = torch.zeros(4, dtype=torch.float64, device=device)
+    for report in reports:
+        total += report["stats"]
+    return total
 
 
 def run_schedule(run: Run, first_index: int, samples, seed: int, forward_only: bool):
@@ -113,8 +141,7 @@ def run_schedule(run: Run, first_index: int, samples, seed: int, forward_only: b
         micro_batch_size=run.cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
-    local = sum((r["stats"] for r in reports), torch.zeros(4, dtype=torch.float64))
-    return run.engine.global_sum(local.to(run.topo.device)).cpu()
+    return run.engine.global_sum(sum_reports(reports, run.topo.device)).cpu()
 
 
 def train_step(run: Run) -> dict:
@@ -150,7 +177,7 @@ def train_step(run: Run) -> dict:
 def evaluate(run: Run) -> dict:
     """Loss on held-out windows with fixed noise (the same every evaluation)."""
     run.engine.train(False)
-    total = torch.zeros(4, dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64, device="cpu")
     gbs = run.cfg.train.global_batch_size
     with torch.no_grad():
         for b in range(run.cfg.train.eval_batches):
@@ -198,7 +225,7 @@ def setup(cfg: Config) -> Run:
     topo = parallel.init_distributed(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
     )
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    bf16 = derived.precision == "bf16"
     model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     o = cfg.optim
     engine = parallel.build_engine(
@@ -214,43 +241,69 @@ def setup(cfg: Config) -> Run:
         ),
     )
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
-    data_state = resume(run)
-    run.data = pipeline.build(
-        cfg.data,
-        vocab,
-        seed=cfg.seed,
-        micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=topo.dp_rank,
-        dp_size=topo.dp,
-        state=data_state,
-    )
+    run.stage_keys = stage_data_keys(cfg, topo)
+    run.reads_data = topo.tp_rank == 0 and bool(run.stage_keys)
+    run.data = build_data(run, vocab, resume(run))
     engine.barrier()  # ranks measure the matmul peak together, as they will train
     run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
     if run.is_logging_rank:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
-        run.logger = MetricsLogger(
-            run.run_dir,
-            start_step=run.step,
-            total_steps=cfg.train.steps,
-            log_every=cfg.train.log_every,
-            progress=cfg.logging.progress,
-            wandb_setting=cfg.logging.wandb,
-            project=cfg.logging.project,
-            config={"config": asdict(cfg), "derived": derived.as_dict()},
-        )
-        p = derived.params
-        run.logger.write(
-            f"dlm train: {topo.describe()}  model {cfg.model.name} "
-            f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
-            f"data {cfg.data.name}: {run.data.summary}, seq {cfg.data.seq_len}\n"
-            f"  global batch {cfg.train.global_batch_size} = "
-            f"{derived.num_microbatches} microbatches x {cfg.train.micro_batch_size} x dp "
-            f"{derived.dp}  |  peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})"
-            f"  |  run dir {run.run_dir}"
-        )
+        start_logging(run, peak_source)
     return run
+
+
+def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) -> pipeline.TrainData:
+    """The data stream on ranks that read for their tensor-parallel group, else nothing."""
+    if not run.reads_data:
+        return pipeline.NoData()
+    return pipeline.build(
+        run.cfg.data,
+        vocab,
+        seed=run.cfg.seed,
+        micro_batch_size=run.cfg.train.micro_batch_size,
+        dp_rank=run.topo.dp_rank,
+        dp_size=run.topo.dp,
+        state=data_state,
+    )
+
+
+def objective_note(obj) -> str:
+    """The objective, as the start line states it (which estimator the loss is)."""
+    note = f"objective: t {obj.t_sampling}, weighting {obj.weighting}, normalization {obj.normalization}"
+    if obj.normalization == "masked":
+        note += " (a ratio estimator sum(w*CE)/#masked, not the ELBO; normalization=tokens gives the ELBO)"
+    return note
+
+
+def start_logging(run: Run, peak_source: str) -> None:
+    """Rank 0: the run directory's config files, the metrics logger and the start lines."""
+    cfg, derived, topo = run.cfg, run.derived, run.topo
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
+    run.logger = MetricsLogger(
+        run.run_dir,
+        start_step=run.step,
+        total_steps=cfg.train.steps,
+        log_every=cfg.train.log_every,
+        progress=cfg.logging.progress,
+        wandb_setting=cfg.logging.wandb,
+        project=cfg.logging.project,
+        config={"config": asdict(cfg), "derived": derived.as_dict()},
+    )
+    p = derived.params
+    layers = "te" if parallel.use_transformer_engine(cfg.model.spec) else "local"
+    total_samples = cfg.train.steps * cfg.train.global_batch_size
+    run.logger.write(
+        f"dlm train: {topo.describe()} {derived.precision}, layers {layers}  model {cfg.model.name} "
+        f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
+        f"data {cfg.data.name}: {run.data.summary}, seq {cfg.data.seq_len}\n"
+        f"  {run.data.epoch_report(total_samples)}\n"
+        f"  {objective_note(cfg.objective)}\n"
+        f"  global batch {cfg.train.global_batch_size} = "
+        f"{derived.num_microbatches} microbatches x {cfg.train.micro_batch_size} x dp "
+        f"{derived.dp}  |  peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})"
+        f"  |  run dir {run.run_dir}"
+    )
 
 
 def resume(run: Run) -> dict | None:

@@ -7,10 +7,15 @@
   every rank's result (rank order). `fn` must be importable (module level).
 - `read_metrics(run_dir)`: the rows of `<run_dir>/metrics.jsonl`.
 Every process started here is waited for or killed before the call returns.
+
+The processes see no GPU (CUDA_VISIBLE_DEVICES=""), so that on a GPU machine the suite
+still checks the CPU path it was written for (gloo, fp32, layout equivalence to 1e-5);
+tests marked `gpu` pass `gpu=True` to run on the GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -31,9 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(extra: dict | None = None) -> dict:
+def _env(extra: dict | None = None, gpu: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_"))}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(extra or {})})
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -45,6 +52,7 @@ def launch(
     timeout: float = 600,
     check: bool = True,
     env: dict | None = None,
+    gpu: bool = False,
 ) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *overrides]
@@ -53,7 +61,7 @@ def launch(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), "-m", module, *overrides,
         ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(env, gpu), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
@@ -77,7 +85,7 @@ def _worker(fn, rank: int, world_size: int, port: int, queue) -> None:
         queue.put((rank, False, traceback.format_exc()))
 
 
-def spawn(fn, world_size: int, *args, timeout: float = 300) -> list:
+def spawn(fn, world_size: int, *args, timeout: float = 300, gpu: bool = False) -> list:
     import functools
 
     ctx = mp.get_context("spawn")
@@ -87,8 +95,9 @@ def spawn(fn, world_size: int, *args, timeout: float = 300) -> list:
     procs = [
         ctx.Process(target=_worker, args=(target, r, world_size, port, queue)) for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _environ({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}):  # spawned children copy it
+        for p in procs:
+            p.start()
     results: dict[int, object] = {}
     errors = []
     try:
@@ -108,6 +117,20 @@ def spawn(fn, world_size: int, *args, timeout: float = 300) -> list:
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def _environ(updates: dict):
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

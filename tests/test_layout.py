@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -36,3 +37,44 @@ def test_no_cuda_literals_outside_the_cpu_shim():
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+# The training step's own modules: every tensor they create must name its device (from
+# an input's `.device` or the topology), else it lands on the CPU and fails on a GPU.
+STEP_MODULES = ("pretrain/objective.py", "pretrain/train.py", "pretrain/curriculum.py")
+FACTORIES = {
+    "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "eye",
+    "rand", "randn", "randint", "randperm", "bernoulli", "scalar_tensor",
+}  # fmt: skip
+
+
+def factory_calls_without_device(source: str) -> list[int]:
+    """Lines of `torch.<factory>(...)` calls without a `device=` keyword (the `*_like`
+    factories follow their input and are fine)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        func = node.func
+        is_torch = isinstance(func.value, ast.Name) and func.value.id == "torch"
+        if is_torch and func.attr in FACTORIES and not any(k.arg == "device" for k in node.keywords):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_step_names_the_device_of_every_tensor_it_creates():
+    offenders = [
+        f"{name}:{line}"
+        for name in STEP_MODULES
+        if (REPO / name).exists()
+        for line in factory_calls_without_device((REPO / name).read_text())
+    ]
+    assert not offenders, f"tensor factories without device= (a device mix on a GPU): {offenders}"
+
+
+def test_the_factory_check_flags_a_device_less_factory():
+    flagged = factory_calls_without_device(
+        "import torch\na = torch.zeros(4)\nb = torch.zeros(4, device=x.device)\nc = torch.zeros_like(b)\n"
+        "d = torch.tensor(3)\ne = torch.arange(2, device='cpu')\n"
+    )
+    assert flagged == [2, 5]

@@ -92,15 +92,64 @@ def test_dp2_stream_resumes_exactly(dataset, tmp_path):
     assert again[-1]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
 
 
-def test_tensor_parallel_peers_read_the_same_batches(dataset, tmp_path):
-    """TP=2 with one data-parallel replica must see exactly the single-process stream,
-    else its losses could not match."""
-    seed, single, tp2 = tmp_path / "seed", tmp_path / "single", tmp_path / "tp2"
-    launch(1, ["--seed-checkpoint", *_config(dataset, seed)])  # same initial weights for both
-    init = f"checkpoint.init_from={seed / 'checkpoints' / 'step_0'}"
-    launch(1, [*_config(dataset, single), "train.steps=3", init])
-    launch(2, [*_config(dataset, tp2), "train.steps=3", "parallel.tp=2", init])
-    _same([r for r in read_metrics(tp2) if "loss" in r], [r for r in read_metrics(single) if "loss" in r])
+def _logged_source(shards: Path, log: Path) -> str:
+    """The dataset as a `pipe:` source that appends "<RANK> <shard>" to `log` at every open."""
+    command = f'echo "$RANK {{name}}" >> {log} && cat {shards}/{{name}}'
+    return f"data.sources=[{{path:'pipe:{command}',weight:1.0}}]"
+
+
+def _shard_opens(log: Path) -> dict[str, set[str]]:
+    """Rank -> shards it opened (manifest reads left out)."""
+    opens: dict[str, set[str]] = {}
+    for line in log.read_text().splitlines():
+        rank, name = line.split()
+        if name.endswith(".tar"):
+            opens.setdefault(rank, set()).add(name)
+    return opens
+
+
+@pytest.fixture(scope="module")
+def single_process(dataset, tmp_path_factory):
+    """(init_from override, metrics) of a 3-step single-process run from a seed checkpoint,
+    per model override list (made once each)."""
+    runs = {}
+
+    def run(model: tuple[str, ...]):
+        if model not in runs:
+            root = tmp_path_factory.mktemp("single")
+            launch(1, ["--seed-checkpoint", *_config(dataset, root / "seed"), *model])
+            init = f"checkpoint.init_from={root / 'seed' / 'checkpoints' / 'step_0'}"
+            launch(1, [*_config(dataset, root / "run"), "train.steps=3", init, *model])
+            runs[model] = init, [r for r in read_metrics(root / "run") if "loss" in r]
+        return runs[model]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("name", "nproc", "layout", "readers"),
+    [
+        ("tp2", 2, ["parallel.tp=2"], {"0"}),
+        ("tp2pp2", 4, ["parallel.tp=2", "parallel.pp=2"], {"0", "2"}),
+        ("pp4", 4, ["parallel.pp=4", "model.num_layers=4"], {"0", "3"}),
+    ],
+)
+def test_one_rank_per_tensor_parallel_group_reads(
+    dataset, single_process, tmp_path, name, nproc, layout, readers
+):
+    """Shards are opened by the first rank of each tensor-parallel group, on the pipeline
+    stages that need tokens only (first: input, last: targets; a middle stage reads
+    nothing), counted through a `pipe:` source that logs $RANK; the peers get the batches
+    by broadcast, so the losses are the single-process run's."""
+    init, expected = single_process(tuple(a for a in layout if a.startswith("model.")))
+    log = tmp_path / "opens.log"
+    config = [a for a in _config(dataset, tmp_path / "run") if not a.startswith("data.sources=")]
+    launch(nproc, [*config, _logged_source(dataset[0], log), "train.steps=3", init, *layout])
+    opens = _shard_opens(log)
+    assert set(opens) == readers, opens
+    for rank in readers:  # every reader streamed train shards and read the eval split
+        assert {n.split("-")[0] for n in opens[rank]} == {"train", "eval"}, (rank, opens[rank])
+    _same([r for r in read_metrics(tmp_path / "run") if "loss" in r], expected)
 
 
 def test_shards_from_another_tokenizer_are_refused(dataset, tmp_path):

@@ -73,7 +73,7 @@ def test_denoiser_is_bidirectional_and_scores_selected_positions():
 @pytest.mark.gpu
 def test_transformer_engine_spec_is_bidirectional_in_bf16():
     """Under TE the mask *type* (no_mask vs causal) decides, not a mask tensor."""
-    result = spawn(_logit_changes, 1, "te", True)[0]
+    result = spawn(_logit_changes, 1, "te", True, gpu=True)[0]
     _check_bidirectional(result)
     for causal in (False, True):
         assert result[causal]["selected_vs_full"] < 5e-2  # bf16
@@ -140,7 +140,7 @@ def _check_document_attention(result: dict, atol: float) -> None:
 @pytest.mark.gpu
 def test_transformer_engine_spec_applies_the_document_mask_in_bf16():
     """Under TE the 'arbitrary' mask type applies the [b, 1, s, s] document mask tensor."""
-    _check_document_attention(spawn(_document_attention, 1, "te", True)[0], atol=5e-2)
+    _check_document_attention(spawn(_document_attention, 1, "te", True, gpu=True)[0], atol=5e-2)
 
 
 def _optimizer_shards() -> dict:
@@ -164,7 +164,7 @@ def _optimizer_shards() -> dict:
         targets = batch.transpose(0, 1).contiguous()
         return logits, lambda out: (
             engine.cross_entropy(out, targets).sum(),
-            torch.tensor(targets.numel()),
+            torch.tensor(targets.numel(), device=targets.device),
             {},
         )
 

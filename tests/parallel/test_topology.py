@@ -7,8 +7,16 @@ import os
 import socket
 
 import pytest
+import torch
 
-from parallel.topology import ConfigError, LaunchEnv, Topology, _slurm_first_host, padded_vocab_size
+from parallel.topology import (
+    ConfigError,
+    LaunchEnv,
+    Topology,
+    _slurm_first_host,
+    padded_vocab_size,
+    select_device,
+)
 
 # Divisible by every tp in VALID (1, 2, 3, 4, 8) and layers by every pp (1, 2, 4, 8).
 DIMS = dict(num_layers=8, num_attention_heads=24, num_query_groups=24, ffn_hidden_size=240, padded_vocab=384)
@@ -239,3 +247,18 @@ def test_partial_launch_env_is_single_process(clean_env):
 )
 def test_slurm_first_host(nodelist, first):
     assert _slurm_first_host(nodelist) == first
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"), [(1, [0, 0, 0, 0, 0]), (4, [0, 1, 2, 3, 0]), (2, [0, 1, 0, 1, 0])]
+)
+def test_each_process_binds_its_local_rank_modulo_the_visible_gpus(monkeypatch, visible, expected):
+    """Under Slurm with --gpus-per-task=1 a process sees one GPU (index 0) whatever its local
+    rank; torch.cuda.set_device(local_rank) would fail from local rank 1 on."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for local_rank in range(5):
+        select_device(local_rank)
+    assert chosen == expected

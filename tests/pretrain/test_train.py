@@ -347,8 +347,16 @@ def test_bf16_exact_resume(root, bf16_run):
 
 @pytest.mark.gpu
 def test_gpu_nccl_tp2_bf16_run_tracks_the_cpu_reference(root, seed_checkpoint, reference):
-    """On a machine with >= 2 GPUs: NCCL, Transformer Engine layers (when installed), bf16."""
+    """On a machine with >= 2 GPUs: NCCL, Transformer Engine layers (when installed), bf16
+    (the GPU default), from the same seed checkpoint as the fp32 CPU reference run."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     run_dir = root / "gpu_tp2"
-    launch(2, [*CONFIG, "parallel.tp=2", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
-    for got, want in zip(read_metrics(run_dir), read_metrics(reference), strict=True):
-        assert math.isclose(got["loss"], want["loss"], rel_tol=3e-2)
+    overrides = [*CONFIG, "parallel.tp=2", f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"]
+    proc = launch(2, overrides, gpu=True)
+    assert "nccl" in proc.stdout and "bf16" in proc.stdout, proc.stdout[-2000:]
+    rows, ref = read_metrics(run_dir), read_metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    # bf16 on CPU tracks fp32 within 3e-4 per step (test_bf16_mixed_precision_tracks_fp32)
+    for got, want in zip(rows, ref, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-2), (got["step"], got["loss"], want["loss"])
