@@ -49,12 +49,12 @@ pre-tokenizer and whitespace stripping meant for other sentencepiece settings):
   whitespace pieces) that float32 rounding breaks at random. The normal-piece scores
   are therefore rounded to multiples of 1/16 (0.06 nats: no visible change to the
   segmentation), so a path score is exact in both while its magnitude stays below 2**20
-  (some 10**5 tokens in one call; `dlm prepare` encodes 100k-character chunks; one-call
-  inputs of 16M characters were still observed to match). (2) tokenizers' lattice also matches
-  the control and byte pieces ("<s>", "<0x41>") that sentencepiece never matches in
-  text. They get a score below any spelling of them with normal pieces, and every
-  character they are spelled with is forced into the vocabulary (sentencepiece's
-  `required_chars`), so such a spelling exists. The unknown-token score then differs
+  (some 10**5 tokens in one call; `dlm prepare` cuts unigram documents only below that,
+  see data.tokenizer.Cuts; one-call inputs of 16M characters were still observed to match).
+  (2) tokenizers' lattice also matches the control and byte pieces ("<s>", "<0x41>") that
+  sentencepiece never matches in text. They get a score below any spelling of them with
+  normal pieces, and every character they are spelled with is forced into the vocabulary
+  (sentencepiece's `required_chars`), so such a spelling exists. The unknown-token score then differs
   (tokenizers derives it from the lowest score), which cannot change the result: no
   piece contains an out-of-vocabulary character, so every path pays it equally.
 

@@ -14,10 +14,14 @@ Pipeline (the on-disk format is data/shards.py):
   initializer loads the Tokenizer once per process; at most 2 * workers batches in flight,
   results taken back in submission order, i.e. an ordered imap with back-pressure), or
   encoded in-process when workers=1 (workers start with `fork` where available: ~0.1 s
-  instead of ~2 s for `spawn`; the tokenizer runs single-threaded in each). Each document
-  is cut into pieces of <= chunk_chars characters (`split_text`: after the last newline of
-  the window's second half, else before the last run of spaces, else a hard cut) whose ids
-  are concatenated, then EOS is appended.
+  instead of ~2 s for `spawn`; the tokenizer runs single-threaded in each). A document
+  longer than chunk_chars is cut into pieces of about chunk_chars characters (`split_text`:
+  after the last newline of the window's second half, else before the last run of spaces,
+  else at any position), but only where `tok.cuts` (data/tokenizer.py) proves that the cut
+  cannot change the ids: the ids of the pieces, concatenated, are those of the whole
+  document. With a dummy prefix (Llama-2 style) a continuation piece is encoded after the
+  character before its cut and the ids of that character alone are dropped. Tokenizers that
+  cuts does not cover encode whole documents. EOS is appended to every document.
   The output does not depend on the number of workers or on the batching;
 - split: with eval_fraction > 0, document number `i` (0-based, among the documents the
   reader yields) goes to eval when blake2b(f"{seed}:{i}") / 2**64 < eval_fraction
@@ -96,7 +100,7 @@ from data.shards import FORMAT, MANIFEST, SPLITS, segment_ids, shard_name, token
 from data.sources import EMBEDDED, MAX_EXAMPLES, DocumentReader, resolve_inputs
 from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
-PREPARE_VERSION = 1  # bump when a code change alters the bytes written for the same config
+PREPARE_VERSION = 2  # bump when a code change alters the bytes written for the same config
 STATE = "prepare.state.json"
 STATE_FORMAT = "dlm-prepare-state/1"
 NO_TOKENS = "no_tokens"
@@ -121,30 +125,52 @@ class PrepareError(ValueError):
 
 
 # -- text cutting and split assignment ---------------------------------------------------------------------
-def split_text(text: str, limit: int) -> list[str]:
-    """Cut `text` into consecutive pieces of <= limit characters whose concatenation is
-    `text`. A cut goes after the last newline in the second half of the window, else before
-    the last run of spaces there (sentencepiece attaches a space to the word after it), else
-    at exactly `limit` characters. Cutting after a newline leaves the BPE ids unchanged on
-    code and prose (every cut in 300 stdlib files at limit 2000, 8k BPE)."""
-    if len(text) <= limit:
-        return [text]
+def split_text(text: str, limit: int, may_cut: Callable[[str, str], bool]) -> list[str]:
+    """Cut `text` into consecutive pieces whose concatenation is `text`, only at positions p
+    where may_cut(text[p - 1], text[p]). In the second half of each window of `limit`
+    characters, a cut goes after the last newline, else before the last run of spaces
+    (sentencepiece attaches a space to the word after it), else at the last allowed position;
+    with none there, at the first allowed position after the window (a longer piece), or
+    nowhere (the rest is one piece)."""
     pieces, start, n = [], 0, len(text)
     while n - start > limit:
-        hi = start + limit
-        lo = start + limit // 2
-        end = text.rfind("\n", lo, hi) + 1  # 0 when absent
-        if end <= start:
-            space = text.rfind(" ", lo, hi + 1)
-            while space > lo and text[space - 1] == " ":
-                space -= 1
-            end = space
-        if end <= start:
-            end = hi
+        end = _cut(text, start + limit // 2, start + limit, may_cut)
+        if end is None:
+            break
         pieces.append(text[start:end])
         start = end
     pieces.append(text[start:])
     return pieces
+
+
+def _cut(text: str, lo: int, hi: int, may_cut: Callable[[str, str], bool]) -> int | None:
+    """Where the piece ending in (lo, hi] (hi < len(text)) is cut; see split_text."""
+    return (
+        _after_newline(text, lo, hi, may_cut)
+        or _before_spaces(text, lo, hi, may_cut)
+        or next((p for p in range(hi, lo, -1) if may_cut(text[p - 1], text[p])), None)
+        or next((p for p in range(hi + 1, len(text)) if may_cut(text[p - 1], text[p])), None)
+    )
+
+
+def _after_newline(text: str, lo: int, hi: int, may_cut: Callable[[str, str], bool]) -> int | None:
+    end = hi
+    while (newline := text.rfind("\n", lo, end)) >= 0:
+        if may_cut("\n", text[newline + 1]):
+            return newline + 1
+        end = newline
+    return None
+
+
+def _before_spaces(text: str, lo: int, hi: int, may_cut: Callable[[str, str], bool]) -> int | None:
+    end = hi + 1
+    while (space := text.rfind(" ", lo, end)) >= 0:
+        while space > lo and text[space - 1] == " ":
+            space -= 1
+        if space > lo and may_cut(text[space - 1], " "):
+            return space
+        end = space
+    return None
 
 
 def is_eval(seed: int, ordinal: int, fraction: float) -> bool:
@@ -159,41 +185,72 @@ def is_eval(seed: int, ordinal: int, fraction: float) -> bool:
 _WORKER: dict = {}
 
 
+class _Encoder:
+    """Encodes documents as `dlm prepare` does: a document longer than chunk_chars is cut
+    where `tok.cuts` allows (data.tokenizer), so its ids are those of the whole document."""
+
+    def __init__(self, tok: Tokenizer | HFTokenizer, dtype: str, chunk_chars: int):
+        self.tok, self.dtype, self.chunk_chars = tok, dtype, chunk_chars
+        self.heads: dict[str, np.ndarray] = {}  # ids of one character before a cut (context)
+
+    def inputs(self, text: str) -> list[tuple[str, str]]:
+        """(character before the piece or "", piece) whose encodings make the document's ids."""
+        cuts = self.tok.cuts
+        if cuts is None or len(text) <= self.chunk_chars or len(text) > cuts.max_chars:
+            return [("", text)]
+        pieces = split_text(text, self.chunk_chars, cuts.allows)
+        if not cuts.context:
+            return [("", piece) for piece in pieces]
+        return [("", pieces[0])] + [(a[-1], b) for a, b in zip(pieces, pieces[1:], strict=False)]
+
+    def head(self, char: str) -> np.ndarray:
+        if char not in self.heads:
+            self.heads[char] = self.tok.encode_batch_numpy([char])[0]
+        return self.heads[char]
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(per-document token counts incl. EOS (0: no ids, no EOS), flat ids in `dtype`)."""
+        inputs, counts = [], []
+        for text in texts:
+            cut = self.inputs(text)
+            inputs.extend(cut)
+            counts.append(len(cut))
+        # One thread per process: the processes are the parallelism (cfg.workers).
+        encoded = self.tok.encode_batch_numpy([before + piece for before, piece in inputs])
+        encoded = [self.drop_head(ids, before) for ids, (before, _) in zip(encoded, inputs, strict=True)]
+        eos = np.array([self.tok.eos_id], dtype=np.int64)
+        parts, lengths, i = [], np.zeros(len(texts), dtype=np.int64), 0
+        for d, count in enumerate(counts):
+            ids = encoded[i : i + count]
+            i += count
+            n = sum(int(a.size) for a in ids)
+            if n:
+                parts.extend(ids)
+                parts.append(eos)
+                lengths[d] = n + 1
+        flat = np.concatenate(parts).astype(self.dtype) if parts else np.zeros(0, dtype=self.dtype)
+        return lengths, flat
+
+    def drop_head(self, ids: np.ndarray, before: str) -> np.ndarray:
+        """The ids of a continuation piece encoded after `before` (with the dummy prefix)."""
+        if not before:
+            return ids
+        head = self.head(before)
+        if not np.array_equal(ids[: head.size], head):
+            raise RuntimeError(f"the ids of {before!r} before a cut are not {head.tolist()}: not a safe cut")
+        return ids[head.size :]
+
+
 def _init_worker(tokenizer: str, sha256: str, dtype: str, chunk_chars: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers: the processes are the parallelism
     tok = load_tokenizer(tokenizer)
     if tok.sha256 != sha256:
         raise RuntimeError(f"tokenizer {tokenizer} changed while `dlm prepare` was running")
-    _WORKER.update(tok=tok, dtype=dtype, chunk_chars=chunk_chars)
-
-
-def _encode(
-    tok: Tokenizer | HFTokenizer, dtype: str, chunk_chars: int, texts: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(per-document token counts incl. EOS (0: no ids, no EOS), flat ids in `dtype`)."""
-    pieces, counts = [], []
-    for text in texts:
-        cut = split_text(text, chunk_chars)
-        pieces.extend(cut)
-        counts.append(len(cut))
-    # One thread per process: the processes are the parallelism (cfg.workers).
-    encoded = tok.encode_batch_numpy(pieces)
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    parts, lengths, i = [], np.zeros(len(texts), dtype=np.int64), 0
-    for d, count in enumerate(counts):
-        ids = encoded[i : i + count]
-        i += count
-        n = sum(int(a.size) for a in ids)
-        if n:
-            parts.extend(ids)
-            parts.append(eos)
-            lengths[d] = n + 1
-    flat = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
-    return lengths, flat
+    _WORKER["encoder"] = _Encoder(tok, dtype, chunk_chars)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _encode(_WORKER["tok"], _WORKER["dtype"], _WORKER["chunk_chars"], texts)
+    return _WORKER["encoder"].encode(texts)
 
 
 # -- packing -----------------------------------------------------------------------------------------------
@@ -436,6 +493,7 @@ class _Run:
         self.out = Path(cfg.output)
         self.tok = load_tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
         self.dtype = token_dtype(self.tok.vocab_size)
+        self.encoder = _Encoder(self.tok, self.dtype, cfg.chunk_chars)
         self.files = _resolve(cfg)
         self.config, self.config_hash = _configuration(cfg, self.tok, self.files)
         shape = (cfg.seq_len, cfg.samples_per_shard, self.dtype, self.tok.eos_id, self.out)
@@ -608,7 +666,7 @@ class _Run:
                 if len(inflight) > 2 * cfg.workers:
                     collect()
             else:
-                inflight.append((batch, _encode(self.tok, self.dtype, cfg.chunk_chars, texts)))
+                inflight.append((batch, self.encoder.encode(texts)))
                 collect()
 
         try:

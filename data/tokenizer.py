@@ -15,14 +15,46 @@ ships a tokenizer `transformers.AutoTokenizer` loads offline.
 `.model` file is such a sentencepiece model (`Tokenizer`); a `tokenizer.json`, or a
 directory holding one (an imported model's `<import>/tokenizer/`), is a Hugging Face
 tokenizer (`HFTokenizer`, the `tokenizers` library only) with the same interface.
+
+Cutting documents (`Cuts`, `tok.cuts`). `dlm prepare` encodes long documents in pieces (BPE
+and unigram slow down on long inputs), and a piece must never change the ids of its document.
+`tok.cuts` says where a cut is provably harmless, or is None (then documents are encoded
+whole): a model that sees pre-tokenized words (byte-level BPE, Metaspace(split=true),
+WordPiece, ...; whole documents are not slower there), and anything not analysed
+(sentencepiece normalisation other than identity, remove_extra_whitespaces,
+treat_whitespace_as_suffix; BPE dropout, subword affixes or ignore_merges; normalisers other
+than those below). For a model that sees the whole text (sentencepiece; a tokenizer.json
+without a pre-tokenizer or with Metaspace(split=false)):
+
+- the cut is at position p, and no token of the vocabulary (or added token) contains the two
+  characters around p as the model sees them (after the per-character normalisation: ' ' ->
+  '▁', NFC/NFKC/lowercase on ASCII only). Then BPE never merges across p, because every merge
+  makes a vocabulary token, and the merges on each side happen in the same relative order as
+  when that side is encoded alone; a unigram lattice has no edge across p, so the best path is
+  the best path to p followed by the best path from p, provided the path scores are exact
+  float sums (sentencepiece float32, tokenizers float64): `max_chars` bounds the document
+  length for which that holds, from the scores' binary quantum and magnitude;
+- both characters are vocabulary tokens, or encoded byte-wise (byte fallback): unknown
+  characters may otherwise be fused into one unknown token across the cut;
+- a dummy prefix (sentencepiece add_dummy_prefix, a Prepend normaliser, Metaspace
+  prepend_scheme first/always) belongs to the document's start only: a continuation piece is
+  encoded after the character before the cut, `c + piece`, and the ids of `c` alone are
+  dropped (`context`): both carry the same prefix, which therefore stays on the `c` side;
+- no added token contains the pair either, or begins or ends at the cut (the text after an
+  added token is a new segment, which may get its own prefix), or (when one strips
+  whitespace) has whitespace around the cut within reach.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +98,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    @functools.cached_property
+    def cuts(self) -> Cuts | None:
+        """Where a document may be cut before encoding (module doc); None: nowhere."""
+        return _sentencepiece_cuts(self.sp.serialized_model_proto())
+
     def describe(self) -> dict:
         return {
             "path": str(self.path),
@@ -99,6 +136,8 @@ class HFTokenizer:
         data = self.path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.hf = Backend.from_str(data.decode("utf-8"))
+        self.hf.no_truncation()  # a tokenizer.json may carry settings for model inputs: documents stay whole
+        self.hf.no_padding()
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         specials: dict = {}
         read = []
@@ -143,7 +182,223 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    @functools.cached_property
+    def cuts(self) -> Cuts | None:
+        """Where a document may be cut before encoding (module doc); None: nowhere."""
+        return _hf_cuts(self.hf)
+
     describe = Tokenizer.describe
+
+
+# -- where a document may be cut before encoding (module doc) --------------------------------------------
+SPACE = "\u2581"  # sentencepiece's and Metaspace's escaped ' '
+UNK_PENALTY = 10.0  # unknown-token score = lowest score - this, in sentencepiece and tokenizers
+MAX_CHARS = 1 << 62  # "no limit" for Cuts.max_chars
+
+
+class Cuts:
+    """Where a document may be cut: `allows(left, right)` for the characters around a cut;
+    continuation pieces are encoded after the character before the cut when `context`;
+    documents longer than `max_chars` are not cut."""
+
+    def __init__(
+        self,
+        tokens: Iterable[str],
+        *,
+        known: Iterable[str] | None = None,
+        model_char: Callable[[str], str],
+        byte_fallback: bool,
+        context: bool,
+        ascii_only: bool = False,
+        blocked: Iterable[str] = (),
+        blocked_whitespace: bool = False,
+        max_chars: int = MAX_CHARS,
+    ):
+        tokens = list(tokens)
+        self.inside = {t[i : i + 2] for t in tokens for i in range(len(t) - 1)}
+        self.known = set(known) if known is not None else {t for t in tokens if len(t) == 1}
+        self.model_char = model_char
+        self.byte_fallback = byte_fallback
+        self.context = context
+        self.ascii_only = ascii_only
+        self.blocked = set(blocked)
+        self.blocked_whitespace = blocked_whitespace
+        self.max_chars = max_chars
+        self._memo: dict[str, bool] = {}
+
+    def allows(self, left: str, right: str) -> bool:
+        """Whether a cut between the characters `left` and `right` leaves the ids unchanged."""
+        pair = left + right
+        allowed = self._memo.get(pair)
+        if allowed is None:
+            allowed = self._memo[pair] = self._allows(left, right)
+        return allowed
+
+    def _allows(self, left: str, right: str) -> bool:
+        if left in self.blocked or right in self.blocked:
+            return False
+        if self.blocked_whitespace and (left.isspace() or right.isspace()):
+            return False
+        if self.ascii_only and not (left.isascii() and right.isascii()):
+            return False
+        seen_left, seen_right = self.model_char(left), self.model_char(right)
+        if not (self._encodable(seen_left) and self._encodable(seen_right)):
+            return False
+        return (left + right) not in self.inside and (seen_left[-1] + seen_right[0]) not in self.inside
+
+    def _encodable(self, seen: str) -> bool:
+        """Non-empty and never an unknown token (which may fuse with a neighbour)."""
+        return bool(seen) and (self.byte_fallback or all(ch in self.known for ch in seen))
+
+
+def exact_sum_chars(
+    scores: Iterable[float], mantissa_bits: int, growth: int = 1, prefix_chars: int = 1
+) -> int:
+    """The longest text whose unigram path scores (sums of at most one score per model
+    character; `growth` model characters per text character, plus a dummy prefix) are exact
+    floats of `mantissa_bits`: every score is a multiple of the finest binary quantum q among
+    them, so a sum of n scores is exact while n * max|score| <= 2**bits * q."""
+    exact = [Fraction(s) for s in scores]
+    largest = max((abs(s) for s in exact), default=Fraction(0))
+    if largest == 0:
+        return MAX_CHARS
+    quantum = Fraction(1, max(s.denominator for s in exact))
+    terms = math.floor(2**mantissa_bits * quantum / largest)
+    return max(0, min(MAX_CHARS, (terms - prefix_chars) // growth))
+
+
+def _sentencepiece_cuts(model_proto: bytes) -> Cuts | None:
+    """Identity normalisation (no charsmap, whitespace kept) and a dummy prefix or none;
+    BPE, or unigram within the float32 bound of its scores."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    from data.hf_tokenizer import BPE, NORMAL, UNIGRAM, USER_DEFINED
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(model_proto)
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces or trainer.treat_whitespace_as_suffix:
+        return None
+    if trainer.model_type == BPE:
+        max_chars = MAX_CHARS
+    elif trainer.model_type == UNIGRAM and not any(p.type == USER_DEFINED for p in proto.pieces):
+        normal = [np.float32(p.score) for p in proto.pieces if p.type == NORMAL]
+        unknown = min(normal) - np.float32(UNK_PENALTY)  # float32 arithmetic, as sentencepiece
+        max_chars = exact_sum_chars([float(s) for s in (*normal, unknown)], 24)
+    else:
+        return None
+    escape = norm.escape_whitespaces
+    return Cuts(
+        [p.piece for p in proto.pieces],
+        known=[p.piece for p in proto.pieces if p.type in (NORMAL, USER_DEFINED) and len(p.piece) == 1],
+        model_char=lambda ch: SPACE if escape and ch == " " else ch,
+        byte_fallback=trainer.byte_fallback,
+        context=norm.add_dummy_prefix,
+        max_chars=max_chars,
+    )
+
+
+class _Unsupported(Exception):
+    """A tokenizer.json step whose effect on cuts is not analysed: documents are not cut."""
+
+
+def _steps(spec: dict | None, key: str) -> list[dict]:
+    if spec is None:
+        return []
+    return [s for sub in spec[key] for s in _steps(sub, key)] if spec["type"] == "Sequence" else [spec]
+
+
+@dataclass
+class _Pipeline:
+    """What a tokenizer.json does to the text before its model, for one character."""
+
+    maps: list[Callable[[str], str]] = field(default_factory=list)  # in order
+    ascii_only: bool = False  # cuts only between ASCII characters (NF*, lowercase)
+    context: bool = False  # a dummy prefix
+    growth: int = 1  # model characters per text character, at most
+    prefix_chars: int = 0
+
+    def model_char(self, ch: str) -> str:
+        for f in self.maps:
+            ch = f(ch)
+        return ch
+
+
+def _pipeline(normalizer: dict | None, pre_tokenizer: dict | None) -> _Pipeline:
+    """The per-character steps before the model; _Unsupported for anything else."""
+    pipe = _Pipeline()
+    for step in _steps(normalizer, "normalizers"):
+        kind = step["type"]
+        pattern = step.get("pattern", {}).get("String")
+        if kind == "Replace" and pattern is not None and len(pattern) == 1:
+            pipe.maps.append(lambda s, a=pattern, b=step["content"]: s.replace(a, b))
+            pipe.growth *= max(1, len(step["content"]))
+        elif kind == "Prepend":
+            pipe.context = True
+            pipe.prefix_chars += len(step["prepend"])
+        elif kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            pipe.ascii_only = True  # ASCII characters are normalisation boundaries, mapped to themselves
+            pipe.growth *= 18  # the longest NFKC expansion of one character
+        elif kind == "Lowercase":
+            pipe.ascii_only = True
+            pipe.maps.append(str.lower)
+            pipe.growth *= 3
+        else:
+            raise _Unsupported(kind)
+    for step in _steps(pre_tokenizer, "pretokenizers"):
+        if step["type"] != "Metaspace" or step.get("split", True):
+            raise _Unsupported(step["type"])  # a splitting pre-tokenizer: the model sees words
+        pipe.maps.append(lambda s, b=step["replacement"]: s.replace(" ", b))
+        if step.get("prepend_scheme", "always") != "never":
+            pipe.context = True
+            pipe.prefix_chars += 1
+    return pipe
+
+
+def _hf_model(model: dict, vocab: dict[str, int], pipe: _Pipeline) -> tuple[bool, int]:
+    """(byte fallback, max_chars) of a BPE or unigram model; other models are not cut."""
+    fallback = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+    if model["type"] == "BPE":
+        if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            raise _Unsupported("BPE with dropout or subword affixes")
+        if model.get("ignore_merges"):
+            raise _Unsupported("BPE ignore_merges (a whole piece in the vocabulary skips the merges)")
+        return fallback, MAX_CHARS
+    if model["type"] == "Unigram":
+        scores = [float(score) for _, score in model["vocab"]]
+        unknown = min(scores, default=0.0) - UNK_PENALTY
+        return fallback, exact_sum_chars([*scores, unknown], 53, pipe.growth, pipe.prefix_chars)
+    raise _Unsupported(model["type"])
+
+
+def _hf_cuts(hf) -> Cuts | None:
+    """A tokenizer.json whose model sees the whole text: no pre-tokenizer or Metaspace(split
+    false); normalisers Replace (one character), Prepend, NF*, Lowercase; BPE or unigram."""
+    spec = json.loads(hf.to_str())
+    try:
+        pipe = _pipeline(spec.get("normalizer"), spec.get("pre_tokenizer"))
+        vocab = hf.get_vocab(with_added_tokens=True)
+        byte_fallback, max_chars = _hf_model(spec["model"], vocab, pipe)
+    except _Unsupported:
+        return None
+    # No added token may begin or end at a cut: in the whole document, the text after it is a
+    # new segment (Prepend and prepend_scheme=always give it a prefix). One that strips
+    # whitespace also reaches over the whitespace around it.
+    added = list(hf.get_added_tokens_decoder().values())
+    ends = [a.content[0] + a.content[-1] for a in added]
+    seen_added = ["".join(pipe.model_char(ch) for ch in a.content) for a in added]
+    model_vocab = hf.get_vocab(with_added_tokens=False)
+    return Cuts(
+        [*vocab, *(a.content for a in added), *seen_added, *(SPACE + s for s in seen_added)],
+        known=[t for t in model_vocab if len(t) == 1],
+        model_char=pipe.model_char,
+        byte_fallback=byte_fallback,
+        context=pipe.context,
+        ascii_only=pipe.ascii_only,
+        blocked="".join(ends),
+        blocked_whitespace=any(a.lstrip or a.rstrip for a in added),
+        max_chars=max_chars,
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:

@@ -31,6 +31,7 @@ from tests.dist import REPO
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+NAMES = ["self", "json", "return", "scan", "_once", "decode", "obj", "end", *WORDS]
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
@@ -161,14 +162,12 @@ def _stream(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack(toks), np.stack(segs)) if toks else (empty, empty)
 
 
-def _expected(tok: Tokenizer, inputs, chunk_chars: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """(where, ids + EOS) of every document, encoded independently of data/prepare.py."""
-    docs = []
-    for doc in DocumentReader([str(i) for i in inputs]):
-        pieces = [doc.text] if chunk_chars is None else split_text(doc.text, chunk_chars)
-        ids = [i for piece in pieces for i in tok.encode(piece)]
-        docs.append((doc.where, np.array([*ids, tok.eos_id], dtype=np.int64)))
-    return docs
+def _expected(tok, inputs) -> list[tuple[str, np.ndarray]]:
+    """(where, ids + EOS) of every document, each encoded whole, independently of data/prepare.py."""
+    return [
+        (doc.where, np.array([*tok.encode(doc.text), tok.eos_id], dtype=np.int64))
+        for doc in DocumentReader([str(i) for i in inputs])
+    ]
 
 
 def _assign(docs, streams: dict[str, np.ndarray], seed: int, fraction: float) -> dict[str, list[int]]:
@@ -214,24 +213,39 @@ def _dlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 # -- text cutting ------------------------------------------------------------------------------------------
-def test_split_text_cuts_at_newline_then_space_then_hard():
+def _anywhere(left: str, right: str) -> bool:
+    return True
+
+
+def test_split_text_cuts_at_newline_then_space_then_anywhere():
     code = (STDLIB / "json" / "decoder.py").read_text()
-    pieces = split_text(code, 500)
+    pieces = split_text(code, 500, _anywhere)
     assert "".join(pieces) == code and len(pieces) > 10
     assert all(len(p) <= 500 for p in pieces)
     assert all(p.endswith("\n") for p in pieces[:-1])  # lines are < 250 characters: always a newline
     prose = "word  " * 50 + "tail"  # 304 characters, spaces only
-    pieces = split_text(prose, 100)
+    pieces = split_text(prose, 100, _anywhere)
     assert "".join(pieces) == prose and all(len(p) <= 100 for p in pieces)
     for a, b in zip(pieces, pieces[1:], strict=False):
         assert not a.endswith(" ") and b.startswith("  "), (a, b)  # before the whole run of spaces
     solid = "x" * 250
-    assert split_text(solid, 100) == ["x" * 100, "x" * 100, "x" * 50]
-    assert split_text("short", 100) == ["short"]
-    assert split_text("a b c", 1) == ["a", " ", "b", " ", "c"]
-    assert split_text("ab\ncd\n", 3) == ["ab\n", "cd\n"]
+    assert split_text(solid, 100, _anywhere) == ["x" * 100, "x" * 100, "x" * 50]
+    assert split_text("short", 100, _anywhere) == ["short"]
+    assert split_text("a b c", 1, _anywhere) == ["a", " ", "b", " ", "c"]
+    assert split_text("ab\ncd\n", 3, _anywhere) == ["ab\n", "cd\n"]
     # a newline in the first half of the window is too early: cut at the space instead
-    assert split_text("a\nbcdefgh ij", 10) == ["a\nbcdefgh", " ij"]
+    assert split_text("a\nbcdefgh ij", 10, _anywhere) == ["a\nbcdefgh", " ij"]
+
+
+def test_split_text_cuts_only_where_allowed():
+    text = "ab\ncd ef\ngh ij\nkl"
+    assert split_text(text, 8, lambda a, b: a != "\n") == ["ab\ncd", " ef\ngh", " ij\nkl"]  # spaces instead
+    assert split_text(text, 8, lambda a, b: b == "f") == ["ab\ncd e", "f\ngh ij\nkl"]
+    assert split_text(text, 8, lambda a, b: a + b == "ij") == ["ab\ncd ef\ngh i", "j\nkl"]  # past the window
+    assert split_text(text, 8, lambda a, b: False) == [text]
+    digits = "1234567890" * 30
+    allowed = split_text(digits, 50, lambda a, b: a == "0")
+    assert "".join(allowed) == digits and all(p.endswith("0") for p in allowed[:-1]) and len(allowed) >= 6
 
 
 # -- accounting --------------------------------------------------------------------------------------------
@@ -292,9 +306,9 @@ def test_bad_inputs_reconcile_and_are_named(corpus, tok_path, tmp_path, capsys, 
 def test_document_without_ids_is_counted(many, tok_path, tmp_path, monkeypatch):
     """A document the tokenizer turns into no ids (cannot happen after the empty check with
     these tokenizers, simulated here) is skipped under its own reason and reconciles."""
-    real = prepare.split_text
+    real = prepare._Encoder.inputs
     monkeypatch.setattr(
-        prepare, "split_text", lambda text, n: [] if text.startswith("doc 7:") else real(text, n)
+        prepare._Encoder, "inputs", lambda self, text: [] if text.startswith("doc 7:") else real(self, text)
     )
     m = run(_cfg([many], tmp_path / "out", tok_path))
     assert m["documents_skipped"] == {"no_tokens": 1}
@@ -370,7 +384,9 @@ def test_long_documents_are_cut_before_encoding(tok, tok_path, tmp_path):
     code = (STDLIB / "json" / "decoder.py").read_text()
     rng = random.Random(5)
     prose = _prose(rng, 900)  # no newlines
-    solid = "".join(rng.choice("abcdefgh") for _ in range(1300))  # no whitespace
+    solid = "".join(rng.choice(NAMES) for _ in range(260))[:1300]  # no whitespace
+    # cuts every 500 characters (as before there was tok.cuts) would change the ids of `solid`
+    assert any(tok.encode(solid) != tok.encode(solid[:i]) + tok.encode(solid[i:]) for i in (500, 1000))
     root = tmp_path / "in"
     root.mkdir()
     for name, text in (("a_code.txt", code), ("b_prose.txt", prose), ("c_solid.txt", solid)):
@@ -378,20 +394,179 @@ def test_long_documents_are_cut_before_encoding(tok, tok_path, tmp_path):
     out = tmp_path / "out"
     m = run(_cfg([root], out, tok_path, chunk_chars=500, seq_len=32))
     stream = _stream(out, "train")[0].reshape(-1)
-    docs = _expected(tok, [root], chunk_chars=500)
-    expect = np.concatenate([ids for _, ids in docs])
+    expect = np.concatenate([ids for _, ids in _expected(tok, [root])])  # each document encoded whole
     assert np.array_equal(stream, expect[: stream.size]) and expect.size - stream.size < 32
     assert m["tokens_dropped"] == expect.size - stream.size
-    ends = np.flatnonzero(expect == tok.eos_id)
-    texts = [code, prose, solid]
-    for i, start in enumerate([0, *(ends[:-1] + 1)]):
-        ids = expect[start : ends[i]]
-        assert tok.decode(ids) == texts[i]  # the cut document still round-trips to its text
-    # cuts after a newline leave the ids of code as they are without cutting
-    code_ids = expect[: ends[0]]
-    assert len(split_text(code, 500)) > 20 and code_ids.tolist() == tok.encode(code)
-    # the hard cuts are at exactly 500 characters
-    assert [len(p) for p in split_text(solid, 500)] == [500, 500, 300]
+    # and the documents were cut: code after newlines, prose before spaces, the solid run
+    # wherever no token of the vocabulary spans the cut
+    encoder = prepare._Encoder(tok, "uint16", 500)
+    code_pieces = [piece for _, piece in encoder.inputs(code)]
+    assert len(code_pieces) > 20 and all(p.endswith("\n") for p in code_pieces[:-1])
+    prose_pieces = [piece for _, piece in encoder.inputs(prose)]
+    assert len(prose_pieces) > 5 and all(p.startswith(" ") for p in prose_pieces[1:])
+    solid_pieces = [piece for _, piece in encoder.inputs(solid)]
+    assert "".join(solid_pieces) == solid
+    for a, b in zip(solid_pieces, solid_pieces[1:], strict=False):
+        assert tok.cuts.allows(a[-1], b[0]) and not any(a[-1] + b[0] in piece for piece in _pieces(tok))
+
+
+def _pieces(tok: Tokenizer) -> list[str]:
+    return [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+
+
+# -- chunking never changes the ids, for every kind of tokenizer ---------------------------------------------
+def _long_document() -> str:
+    """~6k characters: leading spaces, code (newlines, indentation), a ~1k-character line
+    without newline, unicode (accents, combining marks, CJK, emoji), special-token text, a
+    ~1600-character run without whitespace."""
+    rng = random.Random(13)
+    code = (STDLIB / "json" / "decoder.py").read_text()[:2500]
+    prose = _prose(rng, 170)
+    unicode = "naïve café — 日本語のテキストです。中文文本，한국어 텍스트 🎉👍🏽 e\u0301 ΑΣ ▁x\n" * 6
+    solid = "".join(rng.choice(NAMES) for _ in range(300))
+    return f"   {code}\n{prose}\n{unicode}\n中文 </s> <s>x</s>\n\n    {solid}\n  tail  "
+
+
+def _hf_variant(sp_model: Path, out: Path, normalizer, pre_tokenizer) -> Path:
+    """A tokenizer.json with the vocabulary of a `dlm tokenizer` model and another pipeline
+    (Llama-2 style: a Prepend normaliser or a Metaspace pre-tokenizer), built locally."""
+    from data.hf_tokenizer import build_hf_tokenizer
+
+    hf = build_hf_tokenizer(sp_model.read_bytes())
+    hf.normalizer = normalizer
+    hf.pre_tokenizer = pre_tokenizer
+    out.mkdir(parents=True)
+    hf.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return out
+
+
+def _sp_with_dummy_prefix(out: Path) -> Path:
+    """A sentencepiece BPE model trained as Llama-2's was (add_dummy_prefix), identity
+    normalisation, with the special pieces `dlm prepare` needs."""
+    import sentencepiece as spm
+
+    out.mkdir(parents=True)
+    lines = [line for p in sorted((STDLIB / "json").glob("*.py")) for line in p.read_text().splitlines()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in lines if line.strip()]),
+        model_prefix=str(out / "llama"),
+        vocab_size=400,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        control_symbols=["<mask>"],
+        minloglevel=2,
+    )
+    return out / "llama.model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_kinds(tmp_path_factory, tok_path) -> dict[str, Path]:
+    from tokenizers import normalizers, pre_tokenizers
+
+    from tests.data.test_tokenizer import build_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("kinds")
+    unigram, _ = train_tokenizer(
+        TokenizerConfig(
+            input=[str(STDLIB / "json")], output=str(root / "uni"), vocab_size=400, model_type="unigram"
+        )
+    )
+    legacy = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    kinds = {
+        "sp-bpe": tok_path,
+        "sp-unigram": unigram,
+        "sp-dummy-prefix": _sp_with_dummy_prefix(root / "llama"),
+        "hf-byte-level": build_hf_tokenizer(root / "bytelevel"),
+    }
+    for name, model in (("bpe", tok_path), ("unigram", unigram)):
+        variants = {
+            "twin": (normalizers.Replace(" ", "\u2581"), None),
+            "legacy": (legacy, None),
+            "metaspace-first": (None, pre_tokenizers.Metaspace(prepend_scheme="first", split=False)),
+            "metaspace-always": (None, pre_tokenizers.Metaspace(prepend_scheme="always", split=False)),
+            "nfc-metaspace-first": (
+                normalizers.NFC(),
+                pre_tokenizers.Metaspace(prepend_scheme="first", split=False),
+            ),
+            "metaspace-split": (None, pre_tokenizers.Metaspace(prepend_scheme="first", split=True)),
+        }
+        for variant, (norm, pre) in variants.items():
+            kinds[f"hf-{variant}-{name}"] = _hf_variant(model, root / f"{variant}-{name}", norm, pre)
+    return kinds
+
+
+KINDS = [
+    "sp-bpe",
+    "sp-unigram",
+    "sp-dummy-prefix",
+    "hf-byte-level",
+    *(
+        f"hf-{v}-{m}"
+        for m in ("bpe", "unigram")
+        for v in (
+            "twin",
+            "legacy",
+            "metaspace-first",
+            "metaspace-always",
+            "nfc-metaspace-first",
+            "metaspace-split",
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunking_never_changes_the_ids(tokenizer_kinds, kind, tmp_path):
+    """A long document through `dlm prepare` with chunk_chars=200 gives exactly the ids of
+    encoding it whole, for every kind of tokenizer; and where the tokenizer allows cuts, it
+    was cut, at newlines and before spaces."""
+    from data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_kinds[kind])
+    doc = _long_document()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "doc.txt").write_text(doc)
+    out = tmp_path / "out"
+    workers = 2 if kind == "hf-legacy-bpe" else 1
+    m = run(_cfg([tmp_path / "in"], out, tokenizer_kinds[kind], chunk_chars=200, seq_len=8, workers=workers))
+    stream = _stream(out, "train")[0].reshape(-1)
+    whole = np.array([*tok.encode(doc), tok.eos_id])
+    assert np.array_equal(stream, whole[: stream.size]) and m["tokens_dropped"] == whole.size - stream.size
+    inputs = prepare._Encoder(tok, m["dtype"], 200).inputs(doc)
+    assert "".join(piece for _, piece in inputs) == doc
+    if tok.cuts is None:  # a model that sees pre-tokenized words: documents are encoded whole
+        assert len(inputs) == 1
+        return
+    pieces = [piece for _, piece in inputs]
+    assert len(pieces) > len(doc) // 400
+    assert any(p.endswith("\n") for p in pieces[:-1]) and any(p[0] == " " and p[1] != " " for p in pieces[1:])
+    assert all(
+        before == (a[-1] if tok.cuts.context else "")
+        for (before, _), a in zip(inputs[1:], pieces[:-1], strict=True)
+    )
+
+
+def test_no_cuts_in_documents_longer_than_exact_unigram_sums(tokenizer_kinds):
+    """sentencepiece adds unigram path scores in float32: beyond `max_chars` a whole document's
+    Viterbi may round differently than its pieces', so such documents are not cut."""
+    from data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_kinds["sp-unigram"])
+    limit = tok.cuts.max_chars
+    assert 1000 < limit < 10**6
+    encoder = prepare._Encoder(tok, "uint16", 200)
+    lines = (_long_document() * (limit // 5000 + 2)).splitlines(keepends=True)
+    short = "".join(lines)[:limit]
+    assert len(encoder.inputs(short)) > 10
+    assert len(encoder.inputs(short + "x")) == 1
 
 
 # -- re-runs -----------------------------------------------------------------------------------------------
@@ -504,13 +679,13 @@ def test_resume_after_interruption_is_byte_identical(
     consumed = json.loads(state_file.read_text())["documents_consumed"]
     (out / "train-00042.tar.tmp").write_bytes(b"half a shard")  # as a kill during write_shard leaves
     encoded = []
-    real = prepare._encode
+    real = prepare._Encoder.encode
 
-    def counting(tok, dtype, chunk_chars, texts):
+    def counting(self, texts):
         encoded.extend(texts)
-        return real(tok, dtype, chunk_chars, texts)
+        return real(self, texts)
 
-    monkeypatch.setattr(prepare, "_encode", counting)
+    monkeypatch.setattr(prepare._Encoder, "encode", counting)
     resumed = run(cfg)
     assert resumed == reference
     assert _contents(out) == _contents(tmp_path / "ref")  # no state, carry or .tmp files left

@@ -622,3 +622,39 @@ def test_token_dtype_widens_past_uint16(tmp_path):
     big = HFTokenizer(build_hf_tokenizer(tmp_path / "big", extra_tokens=66_000))
     assert big.vocab_size == 66_500 and token_dtype(big.vocab_size) == "uint32"
     assert big.encode("\u260365999\u2603") == [66_499]
+
+
+def test_hf_tokenizer_ignores_truncation_and_padding_of_tokenizer_json(tmp_path):
+    """A tokenizer.json may carry truncation/padding for model inputs: documents stay whole."""
+    from tokenizers import Tokenizer as Backend
+
+    from data.tokenizer import HFTokenizer
+
+    out = build_hf_tokenizer(tmp_path / "hf")
+    backend = Backend.from_file(str(out / "tokenizer.json"))
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    whole, short = (backend.encode(t, add_special_tokens=False).ids for t in (text, "x"))
+    backend.enable_truncation(16)
+    backend.enable_padding(length=8)
+    backend.save(str(out / "tokenizer.json"))
+    assert len(Backend.from_file(str(out / "tokenizer.json")).encode(text).ids) == 16  # as saved
+    tok = HFTokenizer(out)
+    assert len(whole) > 100 and tok.encode(text) == whole
+    assert [a.tolist() for a in tok.encode_batch_numpy([text, "x"])] == [whole, short]
+
+
+def test_exact_sum_chars_bounds_exact_float32_path_scores():
+    """Sums of up to exact_sum_chars scores, accumulated in float32 as sentencepiece's unigram
+    does, are exact; well past the bound they are not; a non-dyadic score shrinks the bound."""
+    import numpy as np
+
+    from data.tokenizer import exact_sum_chars
+
+    rng = np.random.default_rng(0)
+    sixteenths = np.arange(1, 400)  # scores -k/16, as `dlm tokenizer` quantizes them
+    n = exact_sum_chars((-sixteenths / 16).tolist(), 24, prefix_chars=0)
+    for path in (np.full(n, sixteenths.max()), rng.choice(sixteenths, n)):
+        assert np.cumsum(-path / 16, dtype=np.float32)[-1] * 16 == -path.sum()
+    far = rng.choice(sixteenths, 8 * n)
+    assert np.cumsum(-far / 16, dtype=np.float32)[-1] * 16 != -far.sum()
+    assert exact_sum_chars([-0.1, -5.0], 24) < exact_sum_chars([-0.125, -5.0], 24) // 1000
