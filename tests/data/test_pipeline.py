@@ -166,11 +166,12 @@ def test_shards_from_another_tokenizer_are_refused(dataset, tmp_path):
     assert "data.tokenizer" in proc.stderr and "dlm prepare" in proc.stderr
 
 
-def test_a_stream_with_more_reader_slots_than_shard_groups_fails_fast(dataset, tmp_path):
-    # one group of 1000 shards cannot feed 2 data-parallel ranks
-    proc = launch(2, [*_config(dataset, tmp_path / "run"), "data.shuffle_shards=1000"], check=False)
+def test_a_stream_too_small_for_its_reader_slots_fails_fast(dataset, tmp_path):
+    # a few thousand samples cannot give each of 2 ranks x 1 worker one micro batch of 4096
+    overrides = ["train.micro_batch_size=4096", "train.global_batch_size=8192"]
+    proc = launch(2, [*_config(dataset, tmp_path / "run"), *overrides], check=False)
     assert proc.returncode != 0  # each rank exits 2; torchrun reports 1
-    assert "data.num_workers" in proc.stderr and "shuffle_shards=1000" in proc.stderr
+    assert "data.num_workers" in proc.stderr and "train.micro_batch_size=4096" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
