@@ -67,6 +67,16 @@ REF_ATTENTION = ("sdpa", "eager", "sdpa_mask4d")
 
 
 # -- the plain PyTorch reference -------------------------------------------------------------
+def adamw_groups(model: torch.nn.Module, optim) -> list[dict]:
+    """The engine's parameter groups (optim.no_decay) for torch's AdamW."""
+    from parallel.optim import excluded_from_decay
+
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if excluded_from_decay(optim.no_decay, n, p.dim())]
+    decay = [p for n, p in named if not excluded_from_decay(optim.no_decay, n, p.dim())]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class Reference:
     """transformers Llama + LLaDA loss + torch AdamW, one optimizer step per call."""
 
@@ -98,7 +108,7 @@ class Reference:
         self.model = LlamaForCausalLM(lcfg)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            adamw_groups(self.model, o),
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,

@@ -180,6 +180,8 @@ def save_checkpoint(
             sharded["model"], metadata=SHARDING_METADATA
         )
     meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
+    if include_optimizer:
+        meta["schedule"] = engine.schedule_state()  # megatron's OptimizerParamScheduler state
     return _save(Path(path), sharded, meta, config_yaml)
 
 
@@ -314,7 +316,8 @@ def _delete(path: Path) -> None:
 
 def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) -> dict:
     """Collective. Loads the model (and optimizer if asked and present) saved under any
-    layout into this one. Returns the checkpoint's state.json."""
+    layout into this one. Returns the checkpoint's state.json, plus `schedule_changes`
+    (how the saved LR/weight-decay schedule differs from this run's) after an optimizer load."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     load_optimizer = load_optimizer and state.get("has_optimizer", False)
@@ -328,6 +331,8 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
     engine.module.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
+        # the schedule continues at the checkpoint's step, as this run's config defines it
+        state["schedule_changes"] = engine.restore_schedule(state.get("schedule"), state["step"])
     else:
         # With bf16 the optimizer keeps fp32 main params made from the weights the model
         # was built with; its next step would copy those back over the loaded ones.

@@ -1,8 +1,9 @@
 """The megatron-core training engine around one denoiser stage.
 
 megatron DDP (gradient buffers, data-parallel reduction) + DistributedOptimizer
-(ZeRO-1: AdamW states sharded over data-parallel ranks) + the pipeline schedules of
-`get_forward_backward_func`. pretrain/ drives it through four calls:
+(ZeRO-1: AdamW states sharded over data-parallel ranks) with parameter groups from
+optim.no_decay + OptimizerParamScheduler (LR and weight decay per group) + the pipeline
+schedules of `get_forward_backward_func`. pretrain/ drives it through these calls:
 `forward_backward`, `optimizer_step`, `broadcast_batch` (one data read per
 tensor-parallel group), `global_sum` and the vocab-parallel loss helpers
 `cross_entropy` / `correct`.
@@ -11,7 +12,7 @@ tensor-parallel group), `global_sum` and the vocab-parallel loss helpers
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -20,31 +21,38 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamWithNamePredicate, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from parallel.model import Denoiser
-from parallel.topology import Topology
+from parallel.optim import (
+    OptimConfig,
+    excluded_from_decay,
+    local_name,
+    scheduler_arguments,
+    weight_decay_start,
+)
+from parallel.topology import ConfigError, Topology
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW settings (mirrors pretrain's OptimConfig; the LR is set every step)."""
-
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    distributed: bool = True  # ZeRO-1 sharding of optimizer states over data-parallel ranks
+class StepResult(NamedTuple):
+    applied: bool  # False when the update was skipped (non-finite gradients)
+    grad_norm: float
+    lr: float  # of the groups that decay (the schedule's value)
+    weight_decay: float  # of the groups that decay (0 for the no_decay groups)
 
 
 class Engine:
-    def __init__(self, model: DistributedDataParallel, optimizer, topo: Topology):
+    def __init__(
+        self, model: DistributedDataParallel, optimizer, scheduler, topo: Topology, optim: OptimConfig
+    ):
         self.model = model
         self.optimizer = optimizer
+        self.scheduler = scheduler  # megatron's OptimizerParamScheduler: LR and weight decay per group
         self.topo = topo
+        self.optim = optim
         self._forward_backward = get_forward_backward_func()
 
     @property
@@ -91,12 +99,52 @@ class Engine:
             forward_only=forward_only,
         )
 
-    def optimizer_step(self, lr: float) -> tuple[bool, float]:
-        """Set the learning rate, clip, step. Returns (update applied, grad norm)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def optimizer_step(self, step: int) -> StepResult:
+        """Update number `step` (1-based): the scheduler sets every group's LR and weight
+        decay for this step (num_steps = step, whatever updates were skipped), then clip
+        and step."""
+        self.scheduler.step(increment=step - self.scheduler.num_steps)
         ok, grad_norm, _ = self.optimizer.step()
-        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+        decaying = next((g for g in self.optimizer.param_groups if g["wd_mult"] > 0), None)
+        group = decaying or self.optimizer.param_groups[0]
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return StepResult(bool(ok), norm, float(group["lr"]), float(group["weight_decay"]))
+
+    # -- the schedule in checkpoints -----------------------------------------------------
+    def schedule_state(self) -> dict:
+        """The scheduler's state for state.json (JSON: numbers and strings)."""
+        return {**self.scheduler.state_dict(), **_schedule_extras(self.scheduler)}
+
+    def restore_schedule(self, saved: dict | None, step: int) -> list[str]:
+        """After an optimizer load: the schedule follows this run's config at step `step`.
+        Loading the optimizer brings back the saved groups' max_lr/min_lr; they are set
+        from optim.lr/min_lr again, so a changed config is honoured. Returns how the saved
+        schedule differs from this one (e.g. a longer train.steps), for the log."""
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = self.optim.lr, self.optim.min_lr
+        self.scheduler.step(increment=step - self.scheduler.num_steps)
+        mine = self.schedule_state()
+        return [
+            f"{key} {saved[key]} -> {value}"
+            for key, value in mine.items()
+            if saved is not None and key != "num_steps" and key in saved and saved[key] != value
+        ]
+
+    def describe_param_groups(self) -> str:
+        """Parameters per weight-decay group, over the whole model (all stages and shards)."""
+        counts = torch.zeros(4, dtype=torch.float64, device=self.topo.device)  # decay/no: tensors, params
+        for name, param in self.model.named_parameters():
+            if getattr(param, "shared", False) or not _counted_here(param, self.topo):
+                continue
+            column = 2 if excluded_from_decay(self.optim.no_decay, name, param.dim()) else 0
+            counts[column] += 1
+            counts[column + 1] += param.numel()
+        torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+        tensors, params, no_tensors, no_params = (int(x) for x in counts.tolist())
+        return (
+            f"weight decay {self.optim.weight_decay:g}: {tensors} tensors, {params:,} params; "
+            f"no decay {self.optim.no_decay}: {no_tensors} tensors, {no_params:,} params"
+        )
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -157,14 +205,59 @@ class Engine:
         torch.distributed.barrier()
 
 
-def build_engine(model: Denoiser, topo: Topology, settings: OptimizerSettings) -> Engine:
-    """Wrap one denoiser stage for training: (Float16Module,) DDP, DistributedOptimizer."""
+def _counted_here(param: torch.nn.Parameter, topo: Topology) -> bool:
+    """Count a parameter once over tensor-parallel ranks: its shard if it is split, else
+    only on tensor-parallel rank 0 (replicated: norms, the QKV bias' replicas...)."""
+    return getattr(param, "tensor_model_parallel", False) or topo.tp_rank == 0
+
+
+def _schedule_extras(scheduler) -> dict:
+    """The scheduler fields megatron's state_dict leaves out."""
+    return {
+        "init_lr": scheduler.init_lr,
+        "wsd_decay_steps": scheduler.wsd_decay_steps,
+        "lr_wsd_decay_style": scheduler.lr_wsd_decay_style,
+    }
+
+
+def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
+    """megatron-core parameter-group overrides: wd_mult 0 for the parameters optim.no_decay
+    names (replaces megatron's standard rule, which the default patterns reproduce). A
+    pattern that matches no parameter on any rank is an error naming the key."""
+    if not patterns:
+        return {}
+    names = [(local_name(n), p.dim()) for n, p in model.named_parameters()]
+    unmatched = torch.tensor(
+        [not any(excluded_from_decay([pattern], n, dim) for n, dim in names) for pattern in patterns],
+        dtype=torch.int32,
+        device=next(model.parameters()).device,
+    )
+    torch.distributed.all_reduce(unmatched, op=torch.distributed.ReduceOp.MIN)
+    if unmatched.any():
+        missing = [p for p, flag in zip(patterns, unmatched.tolist(), strict=True) if flag]
+        example = ", ".join(n for n, _ in names[:4])
+        raise ConfigError(f"optim.no_decay: {missing} match no parameter (names look like: {example}, ...)")
+    key = ParamKey(
+        with_name_predicate=ParamWithNamePredicate(
+            name=f"no_decay:{tuple(patterns)}",
+            fn=lambda param, name: excluded_from_decay(patterns, name, param.dim()),
+        )
+    )
+    return {key: {"wd_mult": 0.0}}
+
+
+def build_engine(
+    model: Denoiser, topo: Topology, optim: OptimConfig, *, train_steps: int, distributed: bool = True
+) -> Engine:
+    """Wrap one denoiser stage for training: (Float16Module,) DDP, megatron's optimizer
+    (DistributedOptimizer: ZeRO-1 when `distributed`) with optim.no_decay's parameter
+    groups, and megatron's OptimizerParamScheduler for LR and weight decay."""
     config = model.config
     module = Float16Module(config, model) if config.bf16 else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=settings.distributed,
+        use_distributed_optimizer=distributed,
         check_for_nan_in_grad=True,
         bucket_size=None,
     )
@@ -174,16 +267,24 @@ def build_engine(model: Denoiser, topo: Topology, settings: OptimizerSettings) -
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",  # torch AdamW without Apex/TE, fused Adam(W) with them
-            lr=0.0,  # set every step by optimizer_step
-            weight_decay=settings.weight_decay,
-            adam_beta1=settings.beta1,
-            adam_beta2=settings.beta2,
-            adam_eps=settings.eps,
-            clip_grad=settings.clip_grad,
+            lr=optim.lr,  # every group's max_lr; the scheduler sets group["lr"] each step
+            min_lr=optim.min_lr,
+            weight_decay=weight_decay_start(optim),
+            adam_beta1=optim.beta1,
+            adam_beta2=optim.beta2,
+            adam_eps=optim.eps,
+            clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=settings.distributed,
+            use_distributed_optimizer=distributed,
         ),
         [ddp],
+        config_overrides=no_decay_overrides(ddp, optim.no_decay),
     )
-    return Engine(ddp, optimizer, topo)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        **scheduler_arguments(optim, train_steps),
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,  # resume follows the config (restore_schedule)
+    )
+    return Engine(ddp, optimizer, scheduler, topo, optim)

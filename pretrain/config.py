@@ -20,6 +20,8 @@ from omegaconf import OmegaConf
 from data.config import MODEL_TYPES, PrepareConfig, SourceConfig, TokenizerConfig
 from data.sources import ON_ERROR
 from parallel.dims import ModelDims, count_parameters
+from parallel.optim import OptimConfig
+from parallel.optim import validate as validate_optim
 from parallel.topology import ConfigError, padded_vocab_size
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -74,21 +76,6 @@ class ParallelConfig:
     pp: int = 1
     dp: int | None = None  # derived: world_size / (tp * pp)
     distributed_optimizer: bool = True  # ZeRO-1: Adam states sharded over dp ranks
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 10
-    decay_fraction: float = 0.2  # wsd: share of train.steps spent decaying
 
 
 @dataclass
@@ -170,7 +157,6 @@ CHOICES = {
     "model.spec": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
     "data.source": ("stdlib", "text", "shards"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
     "objective.t_sampling": ("uniform", "stratified"),
     "objective.weighting": ("elbo", "uniform"),
     "objective.normalization": ("tokens", "masked"),
@@ -316,8 +302,7 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.objective.eps < 1:
         raise ConfigError(f"objective.eps={cfg.objective.eps} must be in (0, 1)")
-    if cfg.optim.schedule == "wsd" and not 0 < cfg.optim.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]")
+    validate_optim(cfg.optim)
 
 
 @dataclass(frozen=True)

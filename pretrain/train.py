@@ -26,7 +26,6 @@ from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
 from pretrain.objective import diffusion_loss, logit_positions, mask_tokens, sample_t, shift_maskable
-from pretrain.schedule import lr_at
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
 
@@ -148,11 +147,10 @@ def train_step(run: Run) -> dict:
     """One optimizer step over one global batch."""
     cfg, d = run.cfg, run.derived
     step = run.step + 1
-    lr = lr_at(step, cfg.optim, cfg.train.steps)
     start = time.perf_counter()
     run.engine.train(True)
     stats = run_schedule(run, run.consumed_samples, run.data.train, cfg.seed, False)
-    applied, grad_norm = run.engine.optimizer_step(lr)
+    update = run.engine.optimizer_step(step)
     elapsed = time.perf_counter() - start
     run.step, run.consumed_samples = step, run.consumed_samples + cfg.train.global_batch_size
 
@@ -164,9 +162,10 @@ def train_step(run: Run) -> dict:
         "loss": loss_sum / max(count, 1),
         "masked_acc": correct / max(masked, 1),
         "masked_frac": masked / d.tokens_per_step,
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "update_applied": applied,
+        "grad_norm": update.grad_norm,
+        "lr": update.lr,
+        "weight_decay": update.weight_decay,
+        "update_applied": update.applied,
         "tokens": run.consumed_samples * cfg.data.seq_len,
         "step_time": elapsed,
         "tokens_per_s": d.tokens_per_step / elapsed,
@@ -227,18 +226,8 @@ def setup(cfg: Config) -> Run:
     )
     bf16 = derived.precision == "bf16"
     model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
-    o = cfg.optim
     engine = parallel.build_engine(
-        model,
-        topo,
-        parallel.OptimizerSettings(
-            weight_decay=o.weight_decay,
-            beta1=o.beta1,
-            beta2=o.beta2,
-            eps=o.eps,
-            clip_grad=o.clip_grad,
-            distributed=cfg.parallel.distributed_optimizer,
-        ),
+        model, topo, cfg.optim, train_steps=cfg.train.steps, distributed=cfg.parallel.distributed_optimizer
     )
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
     run.stage_keys = stage_data_keys(cfg, topo)
@@ -246,8 +235,9 @@ def setup(cfg: Config) -> Run:
     run.data = build_data(run, vocab, resume(run))
     engine.barrier()  # ranks measure the matmul peak together, as they will train
     run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
+    param_groups = engine.describe_param_groups()  # collective
     if run.is_logging_rank:
-        start_logging(run, peak_source)
+        start_logging(run, f"peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})", param_groups)
     return run
 
 
@@ -274,9 +264,9 @@ def objective_note(obj) -> str:
     return note
 
 
-def start_logging(run: Run, peak_source: str) -> None:
+def start_logging(run: Run, peak: str, param_groups: str) -> None:
     """Rank 0: the run directory's config files, the metrics logger and the start lines."""
-    cfg, derived, topo = run.cfg, run.derived, run.topo
+    cfg, derived = run.cfg, run.derived
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
@@ -290,19 +280,23 @@ def start_logging(run: Run, peak_source: str) -> None:
         project=cfg.logging.project,
         config={"config": asdict(cfg), "derived": derived.as_dict()},
     )
-    p = derived.params
+    run.logger.write(start_lines(run, peak, param_groups))
+
+
+def start_lines(run: Run, peak: str, param_groups: str) -> str:
+    """What the run is: layout, model, data (epochs), objective, optimizer, batch."""
+    cfg, derived, p = run.cfg, run.derived, run.derived.params
     layers = "te" if parallel.use_transformer_engine(cfg.model.spec) else "local"
     total_samples = cfg.train.steps * cfg.train.global_batch_size
-    run.logger.write(
-        f"dlm train: {topo.describe()} {derived.precision}, layers {layers}  model {cfg.model.name} "
+    return (
+        f"dlm train: {run.topo.describe()} {derived.precision}, layers {layers}  model {cfg.model.name} "
         f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
         f"data {cfg.data.name}: {run.data.summary}, seq {cfg.data.seq_len}\n"
         f"  {run.data.epoch_report(total_samples)}\n"
         f"  {objective_note(cfg.objective)}\n"
-        f"  global batch {cfg.train.global_batch_size} = "
-        f"{derived.num_microbatches} microbatches x {cfg.train.micro_batch_size} x dp "
-        f"{derived.dp}  |  peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})"
-        f"  |  run dir {run.run_dir}"
+        f"  optimizer: AdamW, {cfg.optim.schedule} schedule; {param_groups}\n"
+        f"  global batch {cfg.train.global_batch_size} = {derived.num_microbatches} microbatches x "
+        f"{cfg.train.micro_batch_size} x dp {derived.dp}  |  {peak}  |  run dir {run.run_dir}"
     )
 
 
@@ -317,6 +311,10 @@ def resume(run: Run) -> dict | None:
         run.step, run.consumed_samples = state["step"], state["consumed_samples"]
         data_state = state.get("data_state")
         source = f"resumed from {latest} (step {run.step})"
+        if state["schedule_changes"]:
+            source += "; the LR/weight-decay schedule follows this config: " + ", ".join(
+                state["schedule_changes"]
+            )
     elif ckpt_cfg.init_from:
         path = resolve_checkpoint(Path(ckpt_cfg.init_from))
         parallel.load_checkpoint(path, run.engine, load_optimizer=False)

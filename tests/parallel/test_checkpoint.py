@@ -230,7 +230,7 @@ def _crash_resaves_then_load(ckpt_dir: str) -> dict:
     directory, (b) at the first filesystem call after `latest` changed; load after each."""
     from parallel import (
         ModelDims,
-        OptimizerSettings,
+        OptimConfig,
         build_engine,
         build_model,
         init_distributed,
@@ -239,7 +239,8 @@ def _crash_resaves_then_load(ckpt_dir: str) -> dict:
 
     ckpt_dir = Path(ckpt_dir)
     topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
-    engine = build_engine(build_model(ModelDims(**DIMS), topo), topo, OptimizerSettings())
+    optim = OptimConfig(lr=1e-2, min_lr=0.0, warmup_steps=0, schedule="constant")
+    engine = build_engine(build_model(ModelDims(**DIMS), topo), topo, optim, train_steps=10)
     batch = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
 
     def train_step():
@@ -249,7 +250,7 @@ def _crash_resaves_then_load(ckpt_dir: str) -> dict:
             return model(batch), loss
 
         engine.forward_backward(forward_step, [batch], num_microbatches=1, seq_len=16, micro_batch_size=2)
-        engine.optimizer_step(1e-2)
+        engine.optimizer_step(engine.scheduler.num_steps + 1)
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items() if torch.is_tensor(v)}
 
     def distance(weights):

@@ -147,7 +147,7 @@ def _optimizer_shards() -> dict:
     """One training step with DP=2: how much Adam state each rank holds."""
     from parallel import (
         ModelDims,
-        OptimizerSettings,
+        OptimConfig,
         build_engine,
         build_model,
         init_distributed,
@@ -157,7 +157,7 @@ def _optimizer_shards() -> dict:
     topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
     model = build_model(ModelDims(**DIMS), topo)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, topo, OptimizerSettings(distributed=True))
+    engine = build_engine(model, topo, OptimConfig(), train_steps=10, distributed=True)
 
     def forward_step(batch, model):
         logits = model(batch)
@@ -171,7 +171,7 @@ def _optimizer_shards() -> dict:
     g = torch.Generator().manual_seed(topo.dp_rank)
     batches = [torch.randint(0, 250, (2, 16), generator=g)]
     engine.forward_backward(forward_step, batches, num_microbatches=1, seq_len=16, micro_batch_size=2)
-    applied, grad_norm = engine.optimizer_step(1e-3)
+    applied, grad_norm, *_ = engine.optimizer_step(1)
     state_numel = sum(
         t.numel()
         for s in engine.optimizer.chained_optimizers[0].optimizer.state.values()

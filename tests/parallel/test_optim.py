@@ -1,22 +1,64 @@
-"""Learning-rate schedules (pretrain/schedule.py): lr_at(step, optim, total_steps), steps 1-based."""
+"""The optimizer's schedule and parameter groups (parallel/optim.py, parallel/engine.py).
+
+The LR and weight decay come from megatron-core's OptimizerParamScheduler, built from
+optim.* by `scheduler_arguments` and advanced to step k before the k-th update, as the
+engine does. The expectations below are the formulas written out (steps 1-based);
+engine-level tests run a real engine in a fresh process group.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
-from pretrain.config import OptimConfig
-from pretrain.schedule import lr_at
+from parallel.optim import OptimConfig, scheduler_arguments, validate
+from parallel.topology import ConfigError
+from tests.dist import spawn
 
 LR = 3e-3
 MIN_LR = 3e-4
 
 
-def _optim(schedule: str, warmup: int = 10, decay_fraction: float = 0.2) -> OptimConfig:
+def _optim(schedule: str, warmup: int = 10, decay_fraction: float = 0.2, **more) -> OptimConfig:
     return OptimConfig(
-        lr=LR, min_lr=MIN_LR, schedule=schedule, warmup_steps=warmup, decay_fraction=decay_fraction
+        lr=LR, min_lr=MIN_LR, schedule=schedule, warmup_steps=warmup, decay_fraction=decay_fraction, **more
     )
+
+
+class _Groups:
+    """What the scheduler touches of megatron's optimizer: a decaying and a no_decay group
+    (as get_megatron_optimizer builds them: max_lr/min_lr from the config, a wd_mult)."""
+
+    def __init__(self, optim: OptimConfig):
+        self.param_groups = [
+            {"max_lr": optim.lr, "min_lr": optim.min_lr, "wd_mult": 1.0},
+            {"max_lr": optim.lr, "min_lr": optim.min_lr, "wd_mult": 0.0},
+        ]
+
+
+def _schedule(optim: OptimConfig, total_steps: int, steps) -> list[tuple[float, float, float]]:
+    """(lr, weight decay, no_decay group's weight decay) at each of `steps` (increasing)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    groups = _Groups(optim)
+    scheduler = OptimizerParamScheduler(
+        groups, **scheduler_arguments(optim, total_steps), override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
+    )  # fmt: skip
+    values = []
+    for step in steps:
+        scheduler.step(increment=step - scheduler.num_steps)  # as Engine.optimizer_step
+        decay, no_decay = groups.param_groups
+        assert decay["lr"] == no_decay["lr"]
+        values.append((decay["lr"], decay["weight_decay"], no_decay["weight_decay"]))
+    return values
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    return _schedule(optim, total_steps, [step])[0][0]
 
 
 # ---------------------------------------------------------------------------
@@ -163,3 +205,253 @@ def test_constant_schedule(warmup):
     optim = _optim("constant", warmup=warmup)
     for step in range(warmup + 1, 200):
         assert lr_at(step, optim, 100) == LR, step
+
+
+# ---------------------------------------------------------------------------
+# the other knobs: warmup_init, decay_steps, linear / inverse_sqrt, WSD styles
+# ---------------------------------------------------------------------------
+
+
+def test_warmup_starts_at_warmup_init():
+    optim = _optim("cosine", warmup=4, warmup_init=1e-4)
+    for k in range(1, 5):
+        assert lr_at(k, optim, 100) == pytest.approx(1e-4 + (LR - 1e-4) * k / 4, rel=1e-12)
+
+
+def test_decay_steps_ends_the_decay_before_train_steps():
+    optim = _optim("linear", warmup=10, decay_steps=60)
+    for step in (11, 35, 60):
+        assert lr_at(step, optim, 100) == pytest.approx(LR - (LR - MIN_LR) * (step - 10) / 50, rel=1e-12)
+    assert lr_at(61, optim, 100) == lr_at(100, optim, 100) == MIN_LR
+
+
+def test_inverse_sqrt_decay():
+    optim = _optim("inverse_sqrt", warmup=16)
+    for step in (17, 64, 400):
+        assert lr_at(step, optim, 1000) == pytest.approx(max(MIN_LR, LR * 4 / math.sqrt(step)), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("style", "coefficient"),
+    [
+        ("cosine", lambda r: 0.5 * (math.cos(math.pi * r) + 1)),
+        ("exponential", lambda r: 2 * 0.5**r - 1),
+        ("minus_sqrt", lambda r: 1 - math.sqrt(r)),
+    ],
+)
+def test_wsd_decay_styles(style, coefficient):
+    optim = _optim("wsd", warmup=5, decay_fraction=0.2, wsd_decay_style=style)
+    for step in (80, 81, 90, 100):
+        r = max(0, step - 80) / 20
+        assert lr_at(step, optim, 100) == pytest.approx(MIN_LR + coefficient(r) * (LR - MIN_LR), rel=1e-12)
+
+
+@pytest.mark.parametrize("total", [1, 3, 10])
+def test_a_run_shorter_than_its_warmup_only_warms_up(total):
+    """megatron's scheduler needs warmup < decay steps even for 'constant'."""
+    for schedule in ("cosine", "constant", "wsd"):
+        optim = _optim(schedule, warmup=10)
+        assert [lr_at(k, optim, total) for k in range(1, total + 1)] == pytest.approx(
+            [LR * k / 10 for k in range(1, total + 1)], rel=1e-12
+        )
+
+
+# ---------------------------------------------------------------------------
+# weight decay: the schedule, and none for the no_decay group
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("style", "fraction"),
+    [("linear", lambda r: r), ("cosine", lambda r: 0.5 * (math.cos(math.pi * (1 - r)) + 1))],
+)
+def test_weight_decay_schedule_and_no_decay_group(style, fraction):
+    optim = _optim("cosine", weight_decay=0.1, weight_decay_schedule=style, weight_decay_start=0.02)
+    steps = [1, 25, 50, 100, 120]
+    for step, (_, wd, wd_no_decay) in zip(steps, _schedule(optim, 100, steps), strict=True):
+        assert wd == pytest.approx(0.02 + (0.1 - 0.02) * fraction(min(step, 100) / 100), rel=1e-12)
+        assert wd_no_decay == 0.0
+
+
+def test_constant_weight_decay_and_none_for_the_no_decay_group():
+    values = _schedule(_optim("wsd"), 50, range(1, 51))
+    assert {wd for _, wd, _ in values} == {0.1} and {nd for _, _, nd in values} == {0.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"schedule": "step"}, "optim.schedule"),
+        ({"wsd_decay_style": "sqrt"}, "optim.wsd_decay_style"),
+        ({"weight_decay_schedule": "exp"}, "optim.weight_decay_schedule"),
+        ({"min_lr": 1.0}, "optim.min_lr"),
+        ({"warmup_init": 1.0}, "optim.warmup_init"),
+        ({"warmup_steps": -1}, "optim.warmup_steps"),
+        ({"decay_steps": 0}, "optim.decay_steps"),
+        ({"schedule": "wsd", "decay_fraction": 0.0}, "optim.decay_fraction"),
+        ({"weight_decay_schedule": "linear", "weight_decay_start": 0.5}, "optim.weight_decay_start"),
+        ({"weight_decay_start": 0.0}, "optim.weight_decay_schedule"),
+    ],
+)
+def test_bad_settings_fail_naming_the_key(change, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(OptimConfig(**change))
+
+
+# ---------------------------------------------------------------------------
+# the engine: groups, decay, resume (one process group each)
+# ---------------------------------------------------------------------------
+
+DIMS = dict(
+    hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    padded_vocab_size=256,
+    max_seq_len=32,
+    qkv_bias=True,
+)
+TOPO_DIMS = dict(
+    num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, padded_vocab=256
+)
+BATCH = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _engine(optim: OptimConfig, train_steps: int = 10):
+    from parallel import ModelDims, build_engine, build_model, init_distributed
+
+    topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
+    return build_engine(build_model(ModelDims(**DIMS), topo), topo, optim, train_steps=train_steps)
+
+
+def _step(engine, step: int, loss_scale: float = 1.0):
+    """One update on BATCH; loss_scale 0 gives every parameter an exactly zero gradient."""
+
+    def forward_step(batch, model):
+        targets = batch.transpose(0, 1).contiguous()
+        count = torch.tensor(targets.numel(), device=targets.device)
+        return model(batch), lambda out: (engine.cross_entropy(out, targets).sum() * loss_scale, count, {})
+
+    engine.forward_backward(forward_step, [BATCH], num_microbatches=1, seq_len=16, micro_batch_size=2)
+    return engine.optimizer_step(step)
+
+
+def _weights(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _decay_with_zero_gradients(no_decay: list[str]) -> dict:
+    """3 updates with weight_decay 0.5, lr 0.1 and zero gradients (Adam's step is then 0):
+    only weight decay moves the weights."""
+    from parallel import shutdown_distributed
+
+    optim = OptimConfig(lr=0.1, min_lr=0.0, warmup_steps=0, schedule="constant", weight_decay=0.5)
+    optim.no_decay = no_decay
+    engine = _engine(optim)
+    before = _weights(engine)
+    results = [_step(engine, k, loss_scale=0.0) for k in (1, 2, 3)]
+    out = {"before": before, "after": _weights(engine), "results": results}
+    out["groups"] = engine.describe_param_groups()
+    out["wd"] = [g["weight_decay"] for g in engine.optimizer.param_groups]
+    shutdown_distributed()
+    return out
+
+
+def test_norms_and_biases_are_not_decayed_and_matrices_shrink_by_one_minus_lr_wd():
+    """Megatron-LM's rule (optim.no_decay default): every 1-D parameter (RMSNorm weights,
+    QKV biases) is unchanged by weight decay; every matrix shrinks by exactly (1 - lr*wd)
+    per update; "*word_embeddings*" also exempts the embedding. Control: no_decay=[]
+    decays the norms too (what the engine did before)."""
+    default = spawn(_decay_with_zero_gradients, 1, ["1d", "*.bias"])[0]
+    assert all(r.applied and r.grad_norm == 0.0 and r.weight_decay == 0.5 for r in default["results"])
+    assert sorted(default["wd"]) == [0.0, 0.5]
+    one_d = [n for n, w in default["before"].items() if w.dim() == 1]
+    assert any("layernorm" in n for n in one_d) and any("bias" in n for n in one_d)
+    for name, weight in default["before"].items():
+        if weight.dim() == 1:
+            assert torch.equal(default["after"][name], weight), name
+        else:
+            expected = weight.clone()
+            for _ in range(3):
+                expected.mul_(1 - 0.1 * 0.5)
+            assert torch.equal(default["after"][name], expected), name
+    tensors = sum(w.dim() > 1 for w in default["before"].values())
+    params = sum(w.numel() for w in default["before"].values() if w.dim() > 1)
+    no_params = sum(w.numel() for w in default["before"].values() if w.dim() == 1)
+    assert f"{tensors} tensors, {params:,} params" in default["groups"]
+    assert f"{len(one_d)} tensors, {no_params:,} params" in default["groups"]
+
+    embedding = spawn(_decay_with_zero_gradients, 1, ["1d", "*.bias", "*word_embeddings*"])[0]
+    name = next(n for n in embedding["before"] if "word_embeddings" in n)
+    assert torch.equal(embedding["after"][name], embedding["before"][name])
+
+    everything = spawn(_decay_with_zero_gradients, 1, [])[0]
+    norms = [n for n in one_d if "layernorm" in n]  # (the biases start at 0: decay leaves them there)
+    assert all(not torch.equal(everything["after"][n], everything["before"][n]) for n in norms)
+
+
+def _unknown_pattern() -> str:
+    from parallel import shutdown_distributed
+
+    optim = OptimConfig()
+    optim.no_decay = ["1d", "*layer_norm*"]
+    try:
+        _engine(optim)
+    except ConfigError as e:
+        return str(e)
+    finally:
+        shutdown_distributed()
+    return "no error"
+
+
+def test_a_no_decay_pattern_that_matches_nothing_fails_naming_the_key():
+    message = spawn(_unknown_pattern, 1)[0]
+    assert "optim.no_decay" in message and "*layer_norm*" in message and "layernorm" in message
+
+
+def _resume_schedule(path: str) -> dict:
+    """6 updates straight vs 3 + checkpoint + a fresh engine + load + 3, and a resume with
+    another optim.lr; per-update (lr, weight decay) and final weights."""
+    from parallel import load_checkpoint, save_checkpoint, shutdown_distributed
+
+    optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, schedule="cosine", weight_decay=0.1)
+    straight = _engine(optim, train_steps=6)
+    first = [_step(straight, k) for k in range(1, 7)]
+    out = {"straight": first, "straight_weights": _weights(straight)}
+    shutdown_distributed()
+
+    engine = _engine(optim, train_steps=6)
+    [_step(engine, k) for k in range(1, 4)]
+    save_checkpoint(Path(path) / "step_3", engine, state={"step": 3}, config_yaml="")
+    shutdown_distributed()
+    resumed = _engine(optim, train_steps=6)
+    out["changes"] = load_checkpoint(Path(path) / "step_3", resumed)["schedule_changes"]
+    out["resumed"] = [_step(resumed, k) for k in range(4, 7)]
+    out["resumed_weights"] = _weights(resumed)
+    shutdown_distributed()
+
+    other = OptimConfig(lr=5e-3, min_lr=0.0, warmup_steps=2, schedule="cosine", weight_decay=0.1)
+    changed = _engine(other, train_steps=12)
+    out["changed_changes"] = load_checkpoint(Path(path) / "step_3", changed)["schedule_changes"]
+    out["changed"] = [_step(changed, k) for k in range(4, 7)]
+    shutdown_distributed()
+    return out
+
+
+def test_resume_mid_schedule_continues_the_same_values(tmp_path):
+    """The scheduler's state goes into state.json: 3 + resume + 3 updates give the same
+    LR, weight decay and weights as 6. A resume under another optim.lr / train.steps
+    follows the new config (the saved groups' max_lr would otherwise win) and says so."""
+    out = spawn(_resume_schedule, 1, str(tmp_path))[0]
+    assert out["changes"] == []
+    assert [(r.lr, r.weight_decay) for r in out["resumed"]] == [
+        (r.lr, r.weight_decay) for r in out["straight"][3:]
+    ]
+    for name, weight in out["straight_weights"].items():
+        assert torch.equal(out["resumed_weights"][name], weight), name
+    optim = OptimConfig(lr=5e-3, min_lr=0.0, warmup_steps=2, schedule="cosine")
+    expected = [lr for lr, _, _ in _schedule(optim, 12, [4, 5, 6])]
+    assert [r.lr for r in out["changed"]] == pytest.approx(expected, rel=1e-12)
+    assert any(c.startswith("max_lr 0.01 -> 0.005") for c in out["changed_changes"])
+    assert any(c.startswith("lr_decay_steps 6 -> 12") for c in out["changed_changes"])

@@ -145,7 +145,7 @@ def _wandb_history(run_dir: Path) -> list[dict]:
 def _assert_same_steps(rows: list[dict], expected: list[dict], what: str) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in expected], what
     for got, want in zip(rows, expected, strict=True):
-        for key in ("loss", "grad_norm", "masked_acc", "lr"):
+        for key in ("loss", "grad_norm", "masked_acc", "lr", "weight_decay"):
             assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=1e-7), (
                 f"{what}: step {got['step']} {key} {got[key]!r} != {want[key]!r}"
             )
