@@ -19,6 +19,7 @@ setup(
         "wandb==0.31.0",
         "transformers==5.23.0",
         "safetensors==0.8.0",
+        "matplotlib==3.11.2",  # dlm report (Agg backend, no display)
         "numpy>=1.26",
         "tqdm>=4.66",
     ],

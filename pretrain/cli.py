@@ -14,12 +14,14 @@ commands:
   import-hf  Hugging Face Llama/Mistral/Qwen2 -> sharded DLM checkpoint conf/import_hf.yaml
   export-hf  DLM checkpoint -> Hugging Face model + tokenizer           conf/export_hf.yaml
   sample     generate with an exported model (LLaDA-style remasking)   conf/sample.yaml
+  report     PNG plots + summary comparing runs: RUN_DIR [RUN_DIR ...] [--out DIR]
 
 examples:
   dlm tokenizer input=[stdlib] output=data/tok vocab_size=8000
   dlm prepare input=[stdlib] output=data/stdlib tokenizer=data/tok/tokenizer.model seq_len=2048
   dlm train model=tiny train.steps=20 checkpoint.every=10 run.dir=/tmp/r1
   torchrun --nproc-per-node 2 -m pretrain.train model=tiny parallel.tp=2 run.dir=/tmp/r2
+  dlm report /tmp/r1 /tmp/r2 --out /tmp/compare
 """
 
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.sample import main as sample_main
 
         return sample_main(rest)
+    if command == "report":
+        from pretrain.report import main as report_main
+
+        return report_main(rest)
     print(f"dlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
