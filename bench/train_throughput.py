@@ -115,7 +115,7 @@ class Reference:
             weight_decay=o.weight_decay,
         )
         self.clip_grad = o.clip_grad
-        self.eps = cfg.objective.eps
+        self.eps = cfg.curriculum.t_min.values[0]
         self.mask_id = ByteTokenizer.mask_id
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.full_mask: torch.Tensor | None = None

@@ -26,6 +26,9 @@ class ModelDims:
     # Tokens attend only within their document of a packed sample (forward(segments=...)).
     # Only the Transformer Engine spec needs to know in advance (its mask type).
     document_attention: bool = False
+    # The trainer passes [b, 1, s, s] mask tensors (forward(attention_mask=...)), e.g. the
+    # curriculum's causal-to-bidirectional annealing; again only TE's spec needs to know.
+    mask_tensors: bool = False
     spec: str = "auto"  # auto | local | te
     recompute: str = "none"  # none | full | selective
 

@@ -91,7 +91,8 @@ def build_layer_spec(dims: ModelDims) -> ModuleSpec:
     if use_transformer_engine(dims.spec):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
         # TE decides by the mask *type*: 'arbitrary' applies the [b, 1, s, s] mask tensor.
-        full = AttnMaskType.arbitrary if dims.document_attention else AttnMaskType.no_mask
+        takes_masks = dims.document_attention or dims.mask_tensors
+        full = AttnMaskType.arbitrary if takes_masks else AttnMaskType.no_mask
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
         # With no mask tensor, the local softmax applies no mask unless the type is causal
@@ -106,9 +107,13 @@ class Denoiser(GPTModel):
     """GPTModel whose output projection can run on a subset of positions, and whose
     attention can be restricted to documents of a packed sample.
 
-    forward(input_ids [b, s], logit_positions [b, s] bool | None, segments [b, s] | None):
+    forward(input_ids [b, s], logit_positions [b, s] bool | None, segments [b, s] | None,
+            input_noise [b, s, h] | None):
       - `segments`: document numbers of each position; a token attends only to tokens
-        of its own document (None: to every token of the sample);
+        of its own document (None: to every token of the sample, or as `attention_mask`
+        [b, 1, s, s] allows: True = blocked);
+      - `input_noise`: added to the input embeddings (first stage; the curriculum's
+        noise on the MASK token's embedding);
       - first/middle pipeline stages return hidden states for the next stage;
       - the last stage returns vocab-parallel logits: [s, b, V/tp] for all positions,
         or [n, 1, V/tp] for the n positions where `logit_positions` is True
@@ -116,12 +121,22 @@ class Denoiser(GPTModel):
         masked positions, so this saves (1 - t) of the output projection on average.
     """
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, logit_positions=None, segments=None):
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        logit_positions=None,
+        segments=None,
+        input_noise=None,
+    ):
         if segments is not None:
             attention_mask = document_attention_mask(segments)
         decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, seq_offset, _ = self._preprocess(
             input_ids=input_ids, position_ids=position_ids
         )[:6]
+        if input_noise is not None and self.pre_process:  # embeddings are [s, b, h]
+            decoder_input = decoder_input + input_noise.transpose(0, 1).to(decoder_input.dtype)
         hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,

@@ -1,12 +1,14 @@
 """The masked-diffusion objective as pure functions (no config, no communication).
 
-Forward process (LLaDA, MDLM): a sample x0 gets a masking level t in [eps, 1] and
-each token is replaced by MASK independently with probability t. The model sees
+Forward process (LLaDA, MDLM): a sample x0 gets a masking level t in [t_min, t_max]
+(the curriculum's band; LLaDA: [1e-3, 1]) and each token is replaced by MASK
+independently with probability t. The model sees
 x_t and predicts x0 at the masked positions; the loss is
 
     sum_{i masked} w(t) * CE_i / N
 
-with w(t) = 1/t ('elbo', the ELBO weight of the log-linear schedule) or 1
+with w(t) = (t_max - t_min)/t ('elbo', the ELBO weight of the log-linear schedule,
+times the band's width so that the sum estimates the band's part of the ELBO) or 1
 ('uniform'), and N = number of tokens B*L ('tokens', LLaDA) or number of masked
 tokens ('masked'). `diffusion_loss` returns the sum and N separately so that the
 trainer can normalise over the whole global batch.
@@ -40,6 +42,7 @@ NORMALIZATIONS = ("tokens", "masked")
 _STREAM_T = 0x7A11
 _STREAM_MASK = 0x3A5C
 _STREAM_STRATA = 0x57A7
+_STREAM_NOISE = 0x2015E
 _MASK64 = (1 << 64) - 1
 
 
@@ -82,29 +85,55 @@ def sample_t(
     *,
     seed: int,
     method: str = "uniform",
-    eps: float = 1e-3,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
     global_batch_size: int | None = None,
+    complementary: bool = False,
 ) -> torch.Tensor:
-    """Masking level t in [eps, 1] for each global sample index ([b] -> [b] float32).
+    """Masking level t in [t_min, t_max) for each global sample index ([b] -> [b] float32).
 
-    'uniform': t = eps + (1 - eps) u with u ~ U(0, 1) per sample (LLaDA).
+    'uniform': t = t_min + (t_max - t_min) u with u ~ U(0, 1) per sample (LLaDA).
     'stratified': antithetic over the global batch (MDLM): sample k of global batch s
     gets u = (u_s + pi_s(k) / B) mod 1, one u_s per batch and pi_s a permutation of
     range(B) from (seed, s), so each global batch covers [0, 1) evenly and every
     data-parallel share of it draws strata from the whole range (with masked-only
     logits the work per rank grows with t: contiguous strata would make one rank the
     slowest every step). Both depend on the global index only, not on the layout.
-    """
+    `complementary`: rows come in pairs (2k, 2k+1); the second gets 1 - t of the first
+    (it is masked where the first is not, see mask_tokens)."""
     if method not in T_SAMPLING:
         raise ValueError(f"t sampling {method!r} is not one of {T_SAMPLING}")
-    idx = [int(i) for i in indices.tolist()]
+    base = _pair_base(indices) if complementary else indices
+    idx = [int(i) for i in base.tolist()]
     if method == "uniform":
         u = torch.cat([_uniform(seed, _STREAM_T, i, 1) for i in idx])
     else:
         if not global_batch_size:
             raise ValueError("stratified t sampling needs global_batch_size")
         u = torch.stack([_stratified_u(seed, i, global_batch_size) for i in idx])
-    return (eps + (1.0 - eps) * u).float()
+    t = t_min + (t_max - t_min) * u
+    if complementary:
+        t = torch.where(_is_second_of_pair(indices), 1.0 - t, t)
+    return t.float()
+
+
+def _pair_base(indices: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's complementary pair (2k for rows 2k and 2k+1)."""
+    return indices - indices % 2
+
+
+def _is_second_of_pair(indices: torch.Tensor) -> torch.Tensor:
+    return (indices % 2).bool()
+
+
+def _complement_pairs(is_masked: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Each second row of a pair takes the complement of the first row's mask (exactly:
+    not a fresh draw at 1 - t). Pairs must be adjacent rows of the batch."""
+    firsts, seconds = indices[0::2], indices[1::2]
+    if len(indices) % 2 or bool((firsts % 2).any()) or bool((seconds - firsts != 1).any()):
+        raise ValueError("complementary masking needs whole pairs (2k, 2k+1) in adjacent rows")
+    first = is_masked[0::2]
+    return torch.stack([first, ~first], dim=1).reshape(is_masked.shape)
 
 
 def mask_tokens(
@@ -115,18 +144,37 @@ def mask_tokens(
     seed: int,
     mask_id: int,
     maskable: torch.Tensor | None = None,
+    complementary: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each token of sample b independently with probability t[b].
 
     tokens [B, L] int, t [B], indices [B] global sample indices. `maskable` [B, L]
-    bool excludes positions (e.g. padding, a prompt). Returns (x_t, is_masked)."""
-    B, L = tokens.shape
+    bool excludes positions (e.g. padding, a prompt). `complementary`: row 2k+1 (which
+    holds the same sample as row 2k) is masked exactly where row 2k is not, its t being
+    1 - t of row 2k (sample_t). Returns (x_t, is_masked)."""
+    L = tokens.shape[1]
     u = torch.stack([_uniform(seed, _STREAM_MASK, int(i), L) for i in indices.tolist()])
     is_masked = u.to(tokens.device) < t.to(torch.float64).to(tokens.device)[:, None]
+    if complementary:
+        is_masked = _complement_pairs(is_masked, indices)
     if maskable is not None:
         is_masked &= maskable
     noisy = torch.where(is_masked, torch.full_like(tokens, mask_id), tokens)
     return noisy, is_masked
+
+
+def mask_embedding_noise(
+    is_masked: torch.Tensor, indices: torch.Tensor, *, seed: int, std: float, hidden_size: int
+) -> torch.Tensor:
+    """[B, L, hidden] Gaussian noise of std `std` at masked positions, zero elsewhere, to
+    add to the MASK token's input embedding (LLaDA2.0). Drawn on the tokens' device by a
+    generator keyed by (seed, sample index), so every tensor-parallel rank and layout adds
+    the same noise to the same sample (on one device type)."""
+    rows = []
+    for row, index in zip(is_masked, indices.tolist(), strict=True):
+        generator = torch.Generator(device=is_masked.device).manual_seed(mix_seed(seed, _STREAM_NOISE, index))
+        rows.append(torch.randn(row.shape[0], hidden_size, generator=generator, device=is_masked.device))
+    return torch.stack(rows) * std * is_masked.unsqueeze(-1)
 
 
 def logit_positions(is_masked: torch.Tensor, *, shift: bool) -> torch.Tensor:
@@ -159,6 +207,7 @@ def diffusion_loss(
     *,
     weighting: str = "elbo",
     normalization: str = "tokens",
+    band: float = 1.0,
     valid: torch.Tensor | None = None,
     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +215,10 @@ def diffusion_loss(
 
     logits: [B, L, V] for every position, or [n, V] / [n, 1, V] for the n masked
     positions only (in row-major order of `is_masked`). targets, is_masked: [B, L];
-    t: [B]. `valid` [B, L] marks tokens that count (default: all).
+    t: [B]. `band` = t_max - t_min of the range t was drawn from: the ELBO weight is
+    band / t, so the loss is the band's part of the ELBO integral (1/t alone would make it
+    the band's average, which grows as the band narrows). `valid` [B, L] marks tokens that
+    count (default: all).
     `cross_entropy(logits [n, V], targets [n]) -> [n]` defaults to torch's; pass a
     vocab-parallel one for tensor-parallel logits."""
     if weighting not in WEIGHTINGS:
@@ -182,7 +234,7 @@ def diffusion_loss(
     ce_fn = cross_entropy or (lambda lg, tg: F.cross_entropy(lg.float(), tg, reduction="none"))
     ce = ce_fn(logits, targets[is_masked])
     if weighting == "elbo":
-        ce = ce / t[:, None].expand_as(targets)[is_masked].to(ce.dtype)
+        ce = ce * band / t[:, None].expand_as(targets)[is_masked].to(ce.dtype)
     loss_sum = ce.sum()
     if normalization == "masked":
         count = is_masked.sum()

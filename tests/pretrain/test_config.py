@@ -195,7 +195,13 @@ def test_wrong_choice_names_key(key):
         (["train.steps=-5"], ["train.steps"]),
         (["train.micro_batch_size=0"], ["train.micro_batch_size"]),
         (["model.hidden_size=0"], ["model.hidden_size"]),
-        (["objective.eps=1.5"], ["objective.eps"]),
+        (["curriculum.t_min.values=[1.5]"], ["curriculum.t_min"]),
+        (
+            ["curriculum.t_min.values=[0.5]", "curriculum.t_max.values=[0.4]"],
+            ["curriculum.t_min", "curriculum.t_max"],
+        ),
+        (["curriculum.t_max.interp=smooth"], ["curriculum.t_max.interp"]),
+        (["curriculum.complementary=true", "train.micro_batch_size=3"], ["train.micro_batch_size"]),
         (["optim=adamw_wsd", "optim.decay_fraction=0"], ["optim.decay_fraction"]),
     ],
 )

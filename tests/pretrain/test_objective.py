@@ -112,7 +112,7 @@ def test_maskable_all_false_masks_nothing():
 @pytest.mark.parametrize("method", ["uniform", "stratified"])
 def test_sample_t_shape_dtype_and_range(method):
     idx = torch.arange(4000)
-    t = sample_t(idx, seed=11, method=method, eps=EPS, global_batch_size=64)
+    t = sample_t(idx, seed=11, method=method, t_min=EPS, global_batch_size=64)
     assert t.shape == (4000,)
     assert t.dtype == torch.float32
     assert bool((t >= EPS).all()) and bool((t <= 1.0).all())
@@ -120,7 +120,7 @@ def test_sample_t_shape_dtype_and_range(method):
 
 def test_sample_t_respects_large_eps():
     eps = 0.3
-    t = sample_t(torch.arange(2000), seed=2, method="uniform", eps=eps)
+    t = sample_t(torch.arange(2000), seed=2, method="uniform", t_min=eps)
     assert bool((t >= eps).all()) and bool((t <= 1.0).all())
     # lower end actually reached: some t close to eps
     assert float(t.min()) < eps + 0.01
@@ -128,7 +128,7 @@ def test_sample_t_respects_large_eps():
 
 def test_sample_t_uniform_is_roughly_uniform():
     n = 4000
-    t = sample_t(torch.arange(n), seed=123, method="uniform", eps=EPS).double()
+    t = sample_t(torch.arange(n), seed=123, method="uniform", t_min=EPS).double()
     u = (t - EPS) / (1 - EPS)  # should be U(0, 1)
     # mean of U(0,1): 1/2, variance 1/12
     assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
@@ -152,7 +152,7 @@ def test_sample_t_uniform_values_are_not_repeated():
 def test_sample_t_stratified_hits_each_stratum_once(B, seed):
     for s in range(5):  # several consecutive global batches
         idx = torch.arange(s * B, (s + 1) * B)
-        t = sample_t(idx, seed=seed, method="stratified", eps=EPS, global_batch_size=B).double()
+        t = sample_t(idx, seed=seed, method="stratified", t_min=EPS, global_batch_size=B).double()
         # stratum k = [eps + (1-eps) k/B, eps + (1-eps) (k+1)/B)
         strata = torch.floor((t - EPS) / (1 - EPS) * B).long().clamp(max=B - 1)
         assert sorted(strata.tolist()) == list(range(B)), (s, strata.tolist())
@@ -210,7 +210,7 @@ SEQ = 128
 def _noise(indices, seed, method="uniform", gbs=None):
     idx = torch.as_tensor(indices, dtype=torch.int64)
     tokens = _tokens(N_GLOBAL, SEQ)[idx]
-    t = sample_t(idx, seed=seed, method=method, eps=EPS, global_batch_size=gbs)
+    t = sample_t(idx, seed=seed, method=method, t_min=EPS, global_batch_size=gbs)
     noisy, is_masked = mask_tokens(tokens, t, idx, seed=seed, mask_id=MASK_ID)
     return t, noisy, is_masked
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from parallel.topology import Topology
 from pretrain.config import derive, load_config
-from pretrain.train import Run, forward_step, microbatches, stage_data_keys, sum_reports
+from pretrain.train import Run, forward_step, microbatches, stage_data_keys, step_plan, sum_reports
 from tests.simulated_device import DEVICE, OnDevice, simulated_device, values
 
 VOCAB, SEQ, MBS = 40, 16, 4
@@ -29,10 +29,14 @@ class StandInDenoiser:
         table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0))
         self.table = table.to(device).requires_grad_()
 
-    def __call__(self, input_ids, logit_positions=None, segments=None):
+    def __call__(self, input_ids, logit_positions=None, segments=None, attention_mask=None, input_noise=None):
         logits = self.table[input_ids]
         if segments is not None:  # something that depends on the segments, on their device
             logits = logits + (segments == segments[:, :1]).unsqueeze(-1).to(logits.dtype)
+        if attention_mask is not None:  # ... on the mask, on its device
+            logits = logits + attention_mask[:, 0].sum(-1, keepdim=True).to(logits.dtype)
+        if input_noise is not None:
+            logits = logits + input_noise.sum(-1, keepdim=True).to(logits.dtype)
         if logit_positions is not None:
             return logits[logit_positions].unsqueeze(1)
         return logits.transpose(0, 1)
@@ -78,8 +82,9 @@ def _step(overrides: list[str], device) -> dict:
     """One global batch through forward_step and loss_fn, summed as run_schedule does."""
     run = _run(overrides, device)
     model, reports, grads = StandInDenoiser(device), [], []
-    for batch in microbatches(run, 0, _samples):
-        output, loss = forward_step(run, 3, batch, model)
+    plan = step_plan(run.cfg, 1)
+    for batch in microbatches(run, 0, _samples, plan):
+        output, loss = forward_step(run, 3, plan, batch, model)
         loss_sum, count, report = loss(output)
         loss_sum.backward()
         reports.append(report)
@@ -93,6 +98,9 @@ OPTIONS = [
     ["objective.logits=all", "objective.normalization=masked"],
     ["model.logit_shift=true", "objective.t_sampling=stratified"],
     ["model.attention=document", "objective.weighting=uniform"],
+    ["curriculum=dfactory_band", "model.attention=document"],  # complementary pairs, t band
+    ["curriculum.random_length_prob.values=[1.0]", "model.logit_shift=true"],  # a cut batch
+    ["curriculum.bidirectional_ratio.values=[0.3]", "model.attention=document"],  # annealed mask
 ]
 
 
@@ -154,11 +162,12 @@ def test_microbatches_are_read_only_by_the_reading_rank():
         read.append(index.tolist())
         return _samples(index)
 
-    batches = list(microbatches(run, 8, samples))
+    batches = list(microbatches(run, 8, samples, step_plan(run.cfg, 1)))
     assert [b["index"].tolist() for b in batches] == read == [[8, 9, 10, 11], [12, 13, 14, 15]]
     assert torch.equal(batches[1]["tokens"], _samples(torch.arange(12, 16))["tokens"])
     assert run.engine.calls == [(True, ("tokens",), (MBS, SEQ))] * 2
     for reads_data, keys in ((False, ("tokens",)), (False, ())):  # a TP peer; a middle stage
         run.reads_data, run.stage_keys, run.engine.calls, read[:] = reads_data, keys, [], []
-        assert [sorted(b) for b in microbatches(run, 0, samples)] == [sorted(["index", *keys])] * 2
+        batches = microbatches(run, 0, samples, step_plan(run.cfg, 1))
+        assert [sorted(b) for b in batches] == [sorted(["index", *keys])] * 2
         assert read == [] and run.engine.calls == [(False, keys, (MBS, SEQ))] * 2

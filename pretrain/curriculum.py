@@ -1,0 +1,203 @@
+"""The masking curriculum: what corruption each training step uses, as pure functions
+of (global step, train.steps, seed, the curriculum config).
+
+Every rank and every layout calls `curriculum_at` with the same arguments and gets the
+same answer, so nothing is communicated; a run resumed mid-schedule continues exactly
+because nothing here has state. Presets live in conf/curriculum/.
+
+A scheduled value is a piecewise function of training progress p = (step - 1) / steps
+in [0, 1): `Schedule(values, at, interp)` holds values[i] from at[i] on, and between
+at[i] and at[i+1] either keeps it ('step'), or moves to values[i+1] linearly ('linear')
+or along a half cosine ('cosine'); after the last point the last value holds. One value
+is a constant.
+
+Schedules:
+  t_min, t_max          masking level t ~ U[t_min, t_max] (LLaDA: [1e-3, 1]; dFactory's
+                        0.3-0.8 band). With ELBO weighting the loss is the band's part of
+                        the ELBO: w(t) = (t_max - t_min) / t (see objective.py).
+  random_length_prob    probability that a step's whole batch is cut to a length drawn
+                        from U[1, L] (LLaDA's 1%, for variable-length generation).
+  mask_noise_std        std of Gaussian noise added to the MASK token's input embedding
+                        (LLaDA2.0, against gradient blow-ups of AR-initialised runs),
+                        usually annealed to zero.
+  bidirectional_ratio   attention-mask annealing (DiffuLLaMA): causal attention plus each
+                        non-causal link with this probability (pretrain/masks.py); 1 (the
+                        default) is plain bidirectional attention, no mask tensor.
+And one switch:
+  complementary         rows come in pairs holding the same sample, the second with the
+                        complement of the first one's mask (LLaDA2.0): every token of the
+                        sample is scored once per pair.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pretrain.objective import mix_seed
+
+INTERPOLATIONS = ("step", "linear", "cosine")
+_STREAM_LENGTH = 0x1E46
+
+
+@dataclass
+class Schedule:
+    """A value over training: values[i] from progress at[i] on (see the module doc)."""
+
+    values: list[float] = field(default_factory=lambda: [0.0])
+    at: list[float] = field(default_factory=lambda: [0.0])  # fractions of train.steps
+    interp: str = "step"  # step | linear | cosine
+
+
+def constant(value: float) -> Schedule:
+    return Schedule(values=[value], at=[0.0])
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "constant"
+    t_min: Schedule = field(default_factory=lambda: constant(1e-3))
+    t_max: Schedule = field(default_factory=lambda: constant(1.0))
+    random_length_prob: Schedule = field(default_factory=lambda: constant(0.0))
+    mask_noise_std: Schedule = field(default_factory=lambda: constant(0.0))
+    bidirectional_ratio: Schedule = field(default_factory=lambda: constant(1.0))
+    complementary: bool = False
+
+    @property
+    def anneals_attention(self) -> bool:
+        """Some step attends through an annealed causal mask (a ratio below 1)."""
+        return min(self.bidirectional_ratio.values) < 1
+
+
+@dataclass(frozen=True)
+class StepCurriculum:
+    """What one optimizer step uses. `length` is the sequence length of the step's batch
+    (shorter than data.seq_len on a random-length step)."""
+
+    t_min: float
+    t_max: float
+    length: int
+    mask_noise_std: float
+    bidirectional_ratio: float
+    complementary: bool
+
+    def metrics(self) -> dict:
+        """The per-step record fields (metrics.jsonl, wandb)."""
+        return {
+            "curriculum/t_min": self.t_min,
+            "curriculum/t_max": self.t_max,
+            "curriculum/length": self.length,
+            "curriculum/mask_noise_std": self.mask_noise_std,
+            "curriculum/bidirectional_ratio": self.bidirectional_ratio,
+        }
+
+
+def progress(step: int, total_steps: int) -> float:
+    """Training progress of optimizer step `step` (1-based): 0 for the first step."""
+    return (step - 1) / max(total_steps, 1)
+
+
+def value_at(schedule: Schedule, fraction: float) -> float:
+    """The schedule's value at training progress `fraction`."""
+    segment = bisect.bisect_right(schedule.at, fraction) - 1
+    if segment < 0:
+        return float(schedule.values[0])
+    if segment + 1 >= len(schedule.values) or schedule.interp == "step":
+        return float(schedule.values[segment])
+    start, end = schedule.at[segment], schedule.at[segment + 1]
+    alpha = (fraction - start) / (end - start)
+    if schedule.interp == "cosine":
+        alpha = 0.5 * (1.0 - math.cos(math.pi * alpha))
+    low, high = schedule.values[segment], schedule.values[segment + 1]
+    return float(low + alpha * (high - low))
+
+
+def step_length(seed: int, step: int, probability: float, seq_len: int, *, min_length: int = 1) -> int:
+    """The step's sequence length: with `probability`, U[min_length, seq_len] (LLaDA's
+    random length); else seq_len. One draw per (seed, step): all ranks agree."""
+    if probability <= 0:
+        return seq_len
+    generator = torch.Generator().manual_seed(mix_seed(seed, _STREAM_LENGTH, step))
+    draw, length = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+    if draw >= probability:
+        return seq_len
+    return min_length + int(length * (seq_len - min_length + 1))
+
+
+def curriculum_at(
+    cfg: CurriculumConfig, *, step: int, total_steps: int, seed: int, seq_len: int, min_length: int = 1
+) -> StepCurriculum:
+    """Everything the curriculum decides for optimizer step `step` (1-based)."""
+    fraction = progress(step, total_steps)
+    return StepCurriculum(
+        t_min=value_at(cfg.t_min, fraction),
+        t_max=value_at(cfg.t_max, fraction),
+        length=step_length(
+            seed, step, value_at(cfg.random_length_prob, fraction), seq_len, min_length=min_length
+        ),
+        mask_noise_std=value_at(cfg.mask_noise_std, fraction),
+        bidirectional_ratio=value_at(cfg.bidirectional_ratio, fraction),
+        complementary=cfg.complementary,
+    )
+
+
+def eval_curriculum(cfg: CurriculumConfig, seq_len: int) -> StepCurriculum:
+    """Evaluation noise: the full t range [min t_min, 1] over the schedule, full length,
+    no embedding noise, no pairing, full bidirectional attention (where annealing ends),
+    so that evals at any step measure the same thing."""
+    return StepCurriculum(
+        t_min=min(cfg.t_min.values),
+        t_max=1.0,
+        length=seq_len,
+        mask_noise_std=0.0,
+        bidirectional_ratio=1.0,
+        complementary=False,
+    )
+
+
+# -- validation (config errors name the key) ---------------------------------------------------
+def check_schedule(key: str, schedule: Schedule, *, low: float, high: float) -> list[str]:
+    """Problems with one schedule, each naming `key`."""
+    problems = []
+    if schedule.interp not in INTERPOLATIONS:
+        problems.append(f"{key}.interp={schedule.interp!r} is not one of {INTERPOLATIONS}")
+    if not schedule.values or len(schedule.values) != len(schedule.at):
+        problems.append(f"{key}: values and at need the same, nonzero length")
+    elif schedule.at[0] != 0 or any(b <= a for a, b in zip(schedule.at, schedule.at[1:], strict=False)):
+        problems.append(f"{key}.at={list(schedule.at)} must start at 0 and increase")
+    elif schedule.at[-1] > 1:
+        problems.append(f"{key}.at={list(schedule.at)}: fractions of train.steps, at most 1")
+    bad = [v for v in schedule.values if not low <= v <= high]
+    if bad:
+        problems.append(f"{key}.values={list(schedule.values)}: each must be in [{low}, {high}]")
+    return problems
+
+
+def check(cfg: CurriculumConfig) -> list[str]:
+    """Every problem with the curriculum section, naming keys; [] when valid."""
+    problems = check_schedule("curriculum.t_min", cfg.t_min, low=1e-6, high=1.0)
+    problems += check_schedule("curriculum.t_max", cfg.t_max, low=1e-6, high=1.0)
+    problems += check_schedule("curriculum.random_length_prob", cfg.random_length_prob, low=0.0, high=1.0)
+    problems += check_schedule("curriculum.mask_noise_std", cfg.mask_noise_std, low=0.0, high=math.inf)
+    problems += check_schedule("curriculum.bidirectional_ratio", cfg.bidirectional_ratio, low=0.0, high=1.0)
+    if not problems:
+        problems += check_band(cfg)
+    return problems
+
+
+def check_band(cfg: CurriculumConfig) -> list[str]:
+    """t_min < t_max at every point of either schedule (both are piecewise monotone, so
+    checking the union of their breakpoints, and just before each, suffices for 'step';
+    interpolated schedules are checked on a fine grid)."""
+    grid = sorted(set(cfg.t_min.at) | set(cfg.t_max.at) | {i / 1000 for i in range(1000)})
+    for fraction in grid:
+        low, high = value_at(cfg.t_min, fraction), value_at(cfg.t_max, fraction)
+        if low >= high:
+            return [
+                f"curriculum.t_min ({low}) must stay below curriculum.t_max ({high}); "
+                f"not so at {fraction:.3f} of train.steps"
+            ]
+    return []

@@ -1,0 +1,234 @@
+"""pretrain/curriculum.py: scheduled values, random-length steps, presets, and the parts of
+the objective the curriculum drives (t band weighting, complementary pairs, noise on the
+MASK embedding)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import CONF_DIR, load_config
+from pretrain.curriculum import Schedule, check, curriculum_at, progress, step_length, value_at
+from pretrain.objective import diffusion_loss, mask_embedding_noise, mask_tokens, sample_t, shift_maskable
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "curriculum").glob("*.yaml"))
+
+
+# -- scheduled values --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("interp", "expected"),
+    [
+        # 'step' holds values[i] from at[i]: 1 from 0, 1 from 0.2, 3 from 0.6, 5 from 1.0
+        ("step", {0.0: 1.0, 0.1: 1.0, 0.2: 1.0, 0.4: 1.0, 0.6: 3.0, 0.9: 3.0, 1.0: 5.0}),
+        ("linear", {0.0: 1.0, 0.1: 1.0, 0.2: 1.0, 0.4: 2.0, 0.5: 2.5, 0.6: 3.0, 0.8: 4.0, 1.0: 5.0}),
+        ("cosine", {0.2: 1.0, 0.3: 1.0 + (1 - math.sqrt(0.5)), 0.4: 2.0, 0.6: 3.0, 1.0: 5.0}),
+    ],
+)
+def test_value_at_hand_computed_points(interp, expected):
+    """values [1, 1, 3, 5] at [0, 0.2, 0.6, 1.0]: a flat start, a ramp to 3, a ramp to 5
+    (values written by hand from the definition of each interpolation)."""
+    schedule = Schedule(values=[1.0, 1.0, 3.0, 5.0], at=[0.0, 0.2, 0.6, 1.0], interp=interp)
+    for fraction, value in expected.items():
+        assert value_at(schedule, fraction) == pytest.approx(value, abs=1e-12), (interp, fraction)
+
+
+def test_progress_starts_at_zero_and_stays_below_one():
+    assert progress(1, 100) == 0.0 and progress(100, 100) == pytest.approx(0.99)
+    schedule = Schedule(values=[0.0, 1.0], at=[0.0, 1.0], interp="linear")
+    values = [value_at(schedule, progress(step, 10)) for step in range(1, 11)]
+    assert values == pytest.approx([i / 10 for i in range(10)])
+
+
+# -- random-length steps -----------------------------------------------------------------------
+def test_random_length_rate_range_and_determinism():
+    """LLaDA's 1%: the share of cut steps is within binomial error of the probability,
+    cut lengths cover [1, L], and a (seed, step) always decides the same way."""
+    steps, probability, seq_len = 20000, 0.01, 64
+    lengths = [step_length(3, step, probability, seq_len) for step in range(1, steps + 1)]
+    cut = [n for n in lengths if n < seq_len]
+    stderr = math.sqrt(probability * (1 - probability) / steps)
+    assert abs(len(cut) / steps - probability) < 4 * stderr
+    assert min(cut) >= 1 and max(lengths) == seq_len
+    always = [step_length(3, step, 1.0, 8) for step in range(1, 4001)]
+    assert set(always) == set(range(1, 9))  # U[1, 8], every length drawn
+    assert [step_length(3, s, 0.3, 64) for s in range(50)] == [step_length(3, s, 0.3, 64) for s in range(50)]
+    assert [step_length(3, s, 0.3, 64) for s in range(50)] != [step_length(4, s, 0.3, 64) for s in range(50)]
+    assert all(step_length(3, s, 1.0, 8, min_length=2) >= 2 for s in range(500))
+    assert all(step_length(3, s, 0.0, 8) == 8 for s in range(500))
+
+
+# -- presets and validation ---------------------------------------------------------------------
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_and_decides_every_step(preset):
+    cfg = load_config([f"curriculum={preset}", "train.micro_batch_size=4"])
+    assert cfg.curriculum.name == preset
+    plans = [
+        curriculum_at(cfg.curriculum, step=s, total_steps=50, seed=0, seq_len=cfg.data.seq_len)
+        for s in range(1, 51)
+    ]
+    assert all(0 < p.t_min < p.t_max <= 1 and 1 <= p.length <= cfg.data.seq_len for p in plans)
+
+
+def test_presets_say_what_they_are():
+    llada = load_config(["curriculum=llada"]).curriculum
+    assert value_at(llada.random_length_prob, 0.5) == 0.01 and value_at(llada.t_min, 0.0) == 1e-3
+    band = load_config(["curriculum=dfactory_band"])
+    assert (value_at(band.curriculum.t_min, 0.3), value_at(band.curriculum.t_max, 0.3)) == (0.3, 0.8)
+    assert band.curriculum.complementary and band.objective.normalization == "masked"
+    assert load_config(["curriculum=mdlm_antithetic"]).objective.t_sampling == "stratified"
+    noise = load_config(["curriculum=llada2_noise"]).curriculum.mask_noise_std
+    assert value_at(noise, 0.0) == 0.1 and value_at(noise, 0.05) == pytest.approx(0.05)
+    assert value_at(noise, 0.1) == 0.0 and value_at(noise, 0.9) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key"),
+    [
+        (Schedule(values=[0.1, 0.2], at=[0.0]), "curriculum.t_min"),
+        (Schedule(values=[0.1, 0.2], at=[0.1, 0.5]), "curriculum.t_min.at"),
+        (Schedule(values=[0.1, 0.2], at=[0.0, 1.5]), "curriculum.t_min.at"),
+        (Schedule(values=[0.1, 0.2], at=[0.0, 0.0]), "curriculum.t_min.at"),
+        (Schedule(values=[0.1], interp="spline"), "curriculum.t_min.interp"),
+        (Schedule(values=[0.0]), "curriculum.t_min.values"),
+    ],
+)
+def test_bad_schedules_name_the_key(schedule, key):
+    cfg = load_config([]).curriculum
+    cfg.t_min = schedule
+    problems = check(cfg)
+    assert problems and any(key in p for p in problems), problems
+
+
+def test_a_band_that_closes_midway_is_refused():
+    """t_min rising linearly into a t_max that falls: they cross at 0.5 of training."""
+    cfg = load_config([]).curriculum
+    cfg.t_min = Schedule(values=[0.1, 0.9], at=[0.0, 1.0], interp="linear")
+    cfg.t_max = Schedule(values=[1.0, 0.2], at=[0.0, 1.0], interp="linear")
+    (problem,) = check(cfg)
+    assert "curriculum.t_min" in problem and "curriculum.t_max" in problem
+
+
+# -- the objective under the curriculum ------------------------------------------------------
+def test_t_stays_in_the_band():
+    t = sample_t(torch.arange(4000), seed=1, t_min=0.3, t_max=0.8)
+    assert float(t.min()) >= 0.3 and float(t.max()) < 0.8
+    assert float(t.min()) < 0.31 and float(t.max()) > 0.79
+
+
+def _toy_ce(noisy: torch.Tensor, tokens: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """A per-token CE that grows with how much of the row is masked (as a real model's
+    does), so that the ELBO integrand depends on t."""
+    masked_fraction = (noisy == mask_id).double().mean(dim=1, keepdim=True)
+    return (0.5 + 2.0 * masked_fraction**2 + 0.1 * tokens.double()).expand_as(tokens)
+
+
+def _mean_loss(t_min: float, t_max: float, n: int = 6000) -> tuple[float, float]:
+    """Mean and stderr of the ELBO-weighted 'tokens' loss over n rows with t ~ U[t_min, t_max]."""
+    tokens = torch.randint(0, 5, (n, 12), generator=torch.Generator().manual_seed(0))
+    index = torch.arange(n)
+    t = sample_t(index, seed=5, t_min=t_min, t_max=t_max)
+    noisy, is_masked = mask_tokens(tokens, t, index, seed=5, mask_id=9)
+    ce = _toy_ce(noisy, tokens, 9)
+    per_row = [
+        diffusion_loss(
+            ce[i : i + 1][is_masked[i : i + 1]].unsqueeze(-1),
+            tokens[i : i + 1],
+            is_masked[i : i + 1],
+            t[i : i + 1],
+            band=t_max - t_min,
+            cross_entropy=lambda logits, targets: logits[:, 0],
+        )
+        for i in range(0, n)
+    ]
+    values = torch.tensor([float(s) / int(c) for s, c in per_row], dtype=torch.float64)
+    return values.mean().item(), values.std().item() / math.sqrt(n)
+
+
+def test_elbo_weight_makes_bands_add_up_to_the_whole_range():
+    """With w = (t_max - t_min)/t each band's loss is its part of the ELBO integral, so
+    the losses of [a, m] and [m, 1] add up to the loss of [a, 1] (in expectation); 1/t
+    alone would make each band's loss its average, and the sum about twice the whole."""
+    whole, whole_err = _mean_loss(0.01, 1.0)
+    low, low_err = _mean_loss(0.01, 0.4)
+    high, high_err = _mean_loss(0.4, 1.0)
+    err = math.sqrt(whole_err**2 + low_err**2 + high_err**2)
+    print(f"[0.01,1]: {whole:.4f}; [0.01,0.4] + [0.4,1]: {low:.4f} + {high:.4f}; stderr {err:.4f}")
+    assert abs(low + high - whole) < 4 * err
+    assert abs((low / 0.39 + high / 0.6) - whole / 0.99) > 20 * err  # the unscaled version is off
+
+
+def test_complementary_pairs_score_every_token_once():
+    tokens = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))
+    tokens[1::2] = tokens[0::2]  # rows 2k, 2k+1 hold the same sample
+    index = torch.arange(10, 18)
+    t = sample_t(index, seed=2, t_min=0.2, t_max=0.9, complementary=True)
+    assert torch.allclose(t[0::2] + t[1::2], torch.ones(4))
+    maskable = shift_maskable(tokens.shape)
+    noisy, is_masked = mask_tokens(
+        tokens, t, index, seed=2, mask_id=99, maskable=maskable, complementary=True
+    )
+    assert torch.equal(is_masked[0::2] ^ is_masked[1::2], maskable[0::2])  # each token exactly once
+    assert not is_masked[:, 0].any()
+    plain_noisy, plain_masked = mask_tokens(tokens[0::2], t[0::2], index[0::2], seed=2, mask_id=99)
+    assert torch.equal(is_masked[0::2], plain_masked & maskable[0::2])  # first rows: the usual draw
+    logits = torch.randn(int(is_masked.sum()), 100)
+    _, count = diffusion_loss(logits, tokens, is_masked, t, normalization="masked")
+    assert int(count) == 4 * 15  # with masked normalization a pair counts its sample's tokens once
+    _, count = diffusion_loss(logits, tokens, is_masked, t, normalization="tokens")
+    assert int(count) == 8 * 16  # with token normalization both rows count: the pair's mean
+
+
+def test_complementary_pairs_must_be_whole():
+    tokens = torch.zeros(4, 8, dtype=torch.long)
+    t = torch.full((4,), 0.5)
+    with pytest.raises(ValueError, match="whole pairs"):
+        mask_tokens(tokens, t, torch.arange(1, 5), seed=0, mask_id=1, complementary=True)
+
+
+def test_mask_embedding_noise_is_per_sample_and_only_on_masked_positions():
+    is_masked = torch.rand(6, 10, generator=torch.Generator().manual_seed(3)) < 0.5
+    index = torch.arange(20, 26)
+    noise = mask_embedding_noise(is_masked, index, seed=4, std=0.3, hidden_size=32)
+    assert noise.shape == (6, 10, 32)
+    assert torch.equal(noise.abs().sum(-1) > 0, is_masked)
+    assert abs(noise[is_masked].std().item() - 0.3) < 0.03
+    again = mask_embedding_noise(is_masked[3:], index[3:], seed=4, std=0.3, hidden_size=32)
+    assert torch.equal(again, noise[3:])  # a sample's noise does not depend on its batch
+    other = mask_embedding_noise(is_masked, index, seed=5, std=0.3, hidden_size=32)
+    assert not torch.equal(other, noise)
+
+
+# -- every preset trains -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_the_loss_down(preset, tmp_path):
+    """200 steps of the tiny model on standard-library bytes: the training loss of the last
+    20 steps is well below that of the first 20, and the final held-out bound is finite
+    and below the bound of a uniform guess over the byte vocabulary (ln 260 nats)."""
+    from tests.dist import QUIET, launch, read_metrics
+
+    steps = 200
+    launch(
+        1,
+        [
+            "model=tiny",
+            f"curriculum={preset}",
+            "data.max_bytes=400000",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            "train.eval_batches=1",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
+            f"run.dir={tmp_path / 'run'}",
+            *QUIET,
+        ],
+    )
+    rows = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    (final,) = [r for r in rows if "eval_nll" in r]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    print(f"{preset}: loss {first:.3f} -> {last:.3f}, held-out bound {final['eval_nll']:.3f}")
+    assert len(losses) == steps and last < 0.8 * first
+    assert math.isfinite(final["eval_nll"]) and final["eval_nll"] < math.log(260)
