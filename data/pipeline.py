@@ -77,6 +77,24 @@ def describe(cfg) -> Vocabulary:
     )
 
 
+def token_byte_lengths(cfg) -> torch.Tensor | None:
+    """[vocab] UTF-8 bytes each token id stands for (0 for special tokens), for bits per
+    byte; None where unknown (a Hugging Face tokenizer, a tokenizer file not present)."""
+    if cfg.source in ("stdlib", "text"):
+        lengths = torch.zeros(ByteTokenizer.vocab_size, dtype=torch.float64)
+        lengths[:256] = 1
+        return lengths
+    from pathlib import Path
+
+    from data.tokenizer import Tokenizer, load_tokenizer
+
+    path = cfg.tokenizer or load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
+    tokenizer = load_tokenizer(path) if Path(path).is_file() else None
+    if not isinstance(tokenizer, Tokenizer):
+        return None
+    return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+
+
 def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp_size: int) -> None:
     """Fail before any process starts when the shard stream cannot be laid out for this
     many data-parallel ranks and workers (reads manifests only, starts no worker)."""

@@ -103,6 +103,20 @@ class Tokenizer:
         """Where a document may be cut before encoding (module doc); None: nowhere."""
         return _sentencepiece_cuts(self.sp.serialized_model_proto())
 
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of the (normalized) text each id stands for: a byte-fallback piece
+        is one byte, '▁' a space, control and unknown pieces none. Summed over a
+        sample, the bytes it decodes to (bits per byte)."""
+        sp = self.sp
+        return [
+            0
+            if sp.is_control(i) or sp.is_unknown(i)
+            else 1
+            if sp.is_byte(i)
+            else len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
+            for i in range(self.vocab_size)
+        ]
+
     def describe(self) -> dict:
         return {
             "path": str(self.path),

@@ -14,6 +14,7 @@ commands:
   import-hf  Hugging Face Llama/Mistral/Qwen2 -> sharded DLM checkpoint conf/import_hf.yaml
   export-hf  DLM checkpoint -> Hugging Face model + tokenizer           conf/export_hf.yaml
   sample     generate with an exported model (LLaDA-style remasking)   conf/sample.yaml
+  eval       NLL bound (nats/token, bits/byte) of a checkpoint          checkpoint=PATH [key=value ...]
   report     PNG plots + summary comparing runs: RUN_DIR [RUN_DIR ...] [--out DIR]
 
 examples:
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.sample import main as sample_main
 
         return sample_main(rest)
+    if command == "eval":
+        from pretrain.evaluate import main as eval_main
+
+        return eval_main(rest)
     if command == "report":
         from pretrain.report import main as report_main
 

@@ -1,5 +1,5 @@
 """Typed configuration: dataclass schemas registered in Hydra's ConfigStore, YAML
-presets in `conf/` (groups model/ data/ parallel/ optim/ cluster/ experiment/),
+presets in `conf/` (groups model/ data/ parallel/ optim/ curriculum/ cluster/ experiment/),
 and `derive()`, the one place where values that follow from others are computed.
 
 Configs are composed with Hydra's compose API rather than `@hydra.main`, so that
@@ -23,6 +23,8 @@ from parallel.dims import ModelDims, count_parameters
 from parallel.optim import OptimConfig
 from parallel.optim import validate as validate_optim
 from parallel.topology import ConfigError, padded_vocab_size
+from pretrain.curriculum import CurriculumConfig
+from pretrain.curriculum import check as check_curriculum
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -89,7 +91,6 @@ class ClusterConfig:
 @dataclass
 class ObjectiveConfig:
     t_sampling: str = "uniform"  # uniform (LLaDA) | stratified (MDLM antithetic)
-    eps: float = 1e-3
     weighting: str = "elbo"  # elbo (1/t) | uniform
     normalization: str = "tokens"  # tokens (B*L, LLaDA) | masked (number of masked tokens)
     logits: str = "masked"  # masked: output projection at masked positions only | all
@@ -104,6 +105,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: never
     eval_batches: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """The held-out likelihood: a Monte Carlo upper bound on the per-token NLL
+    (pretrain/likelihood.py), in the loop every train.eval_every steps and by `dlm eval`."""
+
+    draws: int = 4  # Monte Carlo draws per sample (masks per sample and evaluation)
+    method: str = "stratified"  # stratified mask counts (LLaDA) | uniform | antithetic_t
+    batches: int | None = None  # global batches of held-out samples; None: train.eval_batches
 
 
 @dataclass
@@ -136,7 +147,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # the t band etc. per step
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -161,6 +174,7 @@ CHOICES = {
     "objective.weighting": ("elbo", "uniform"),
     "objective.normalization": ("tokens", "masked"),
     "objective.logits": ("masked", "all"),
+    "eval.method": ("stratified", "uniform", "antithetic_t"),
     "train.precision": ("auto", "bf16", "fp32"),
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
@@ -226,6 +240,39 @@ def checkpoint_model(node, overrides: list[str]):
     return model
 
 
+def load_checkpoint_config(checkpoint: Path, overrides: list[str]) -> Config:
+    """The config a checkpoint was saved with (its config.yaml), with command-line style
+    overrides on top: `key=value`, or a group option such as `data=stdlib_shards` (a
+    preset of conf/<group>/). Validated like load_config's."""
+    node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(checkpoint / "config.yaml"))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item!r}: expected key=value")
+        if "." not in key and (CONF_DIR / key).is_dir():
+            node = merge_group_option(node, key, value)
+        else:
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item]))
+    cfg: Config = OmegaConf.to_object(node)
+    validate(cfg)
+    return cfg
+
+
+def merge_group_option(node, group: str, option: str):
+    """`group=option` over a composed config: conf/<group>/<option>.yaml replaces the
+    section (or, for a `@package _global_` preset, merges at the top)."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"{group}={option}: no such preset (conf/{group}/ has {', '.join(choices)})")
+    preset = OmegaConf.load(path)
+    if path.read_text().lstrip().startswith("# @package _global_"):
+        return OmegaConf.merge(node, preset)
+    section = OmegaConf.merge(OmegaConf.structured(type(getattr(Config(), group))), preset)
+    node[group] = section
+    return node
+
+
 def load_command_config(name: str, overrides: list[str] | None = None):
     """The typed config of a data command: conf/<name>.yaml ('tokenizer', 'prepare')."""
     register()
@@ -270,6 +317,7 @@ def validate(cfg: Config) -> None:
         "train.steps": t.steps,
         "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size,
+        "eval.draws": cfg.eval.draws,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -300,8 +348,19 @@ def validate(cfg: Config) -> None:
             f"train.eval_every={t.eval_every} needs held-out data: data.eval_fraction is "
             f"{cfg.data.eval_fraction}"
         )
-    if not 0 < cfg.objective.eps < 1:
-        raise ConfigError(f"objective.eps={cfg.objective.eps} must be in (0, 1)")
+    problems = check_curriculum(cfg.curriculum)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.curriculum.anneals_attention and m.attention == "causal":
+        raise ConfigError(
+            "curriculum.bidirectional_ratio anneals causal attention towards bidirectional: "
+            "it needs model.attention=bidirectional or document, not causal"
+        )
+    if cfg.curriculum.complementary and t.micro_batch_size % 2:
+        raise ConfigError(
+            f"curriculum.complementary=true pairs rows within a microbatch: "
+            f"train.micro_batch_size={t.micro_batch_size} must be even"
+        )
     validate_optim(cfg.optim)
 
 
@@ -314,7 +373,8 @@ class Derived:
     vocab_size: int
     padded_vocab_size: int
     mask_id: int
-    samples_per_dp_rank: int  # per step
+    samples_per_dp_rank: int  # rows per step
+    data_micro_batch_size: int  # samples read per microbatch (half the rows under complementary masking)
     num_microbatches: int  # per step and dp rank
     tokens_per_step: int
     params: dict
@@ -367,6 +427,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         padded_vocab_size=padded,
         mask_id=mask_id,
         samples_per_dp_rank=t.global_batch_size // dp,
+        data_micro_batch_size=t.micro_batch_size // 2 if cfg.curriculum.complementary else t.micro_batch_size,
         num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
         tokens_per_step=t.global_batch_size * cfg.data.seq_len,
         params=params,
@@ -402,6 +463,7 @@ def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:
         init_std=m.init_std,
         causal=m.attention == "causal",
         document_attention=m.attention == "document",
+        mask_tensors=cfg.curriculum.anneals_attention,
         spec=m.spec,
         recompute=m.recompute,
     )

@@ -24,8 +24,18 @@ from data import pipeline
 from data.shards import ShardFormatError
 from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
+from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
+from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
+from pretrain.masks import annealed_causal_mask
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
-from pretrain.objective import diffusion_loss, logit_positions, mask_tokens, sample_t, shift_maskable
+from pretrain.objective import (
+    diffusion_loss,
+    logit_positions,
+    mask_embedding_noise,
+    mask_tokens,
+    sample_t,
+    shift_maskable,
+)
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
 
@@ -40,10 +50,12 @@ class Run:
     run_dir: Path
     step: int = 0
     consumed_samples: int = 0
+    tokens_seen: int = 0  # differs from consumed_samples x seq_len after random-length steps
     logger: MetricsLogger | None = None
     peak_flops: float = 0.0
     stage_keys: tuple[str, ...] = ()  # what this pipeline stage needs of a microbatch
     reads_data: bool = False  # this rank reads for its tensor-parallel group
+    token_bytes: torch.Tensor | None = None  # UTF-8 bytes per token id (bits per byte), if known
 
     @property
     def is_logging_rank(self) -> bool:
@@ -51,37 +63,71 @@ class Run:
 
 
 # -- the objective, as megatron's forward_step / loss_func pair ----------------------------
-def forward_step(run: Run, seed: int, batch: dict, model):
-    """Noise a microbatch (a function of seed and global sample indices only, so every
-    tensor/pipeline rank draws the same masks) and run this pipeline stage. A middle
-    stage gets no tokens (its input is the previous stage's output) and computes no loss."""
-    segments = batch.get("segments")
+def forward_step(run: Run, seed: int, plan: StepCurriculum, batch: dict, model):
+    """Noise a microbatch (a function of seed, the step's curriculum and global sample
+    indices only, so every tensor/pipeline rank draws the same masks) and run this
+    pipeline stage. A middle stage gets no tokens (its input is the previous stage's
+    output) and computes no loss."""
+    attention = attention_inputs(run, seed, plan, batch)
     if "tokens" not in batch:
-        return model(None, segments=segments), _no_loss
+        return model(None, **attention), _no_loss
     obj = run.cfg.objective
     tokens, index = batch["tokens"], batch["index"]
     t = sample_t(
         index,
         seed=seed,
         method=obj.t_sampling,
-        eps=obj.eps,
+        t_min=plan.t_min,
+        t_max=plan.t_max,
         global_batch_size=run.cfg.train.global_batch_size,
+        complementary=plan.complementary,
     ).to(tokens.device)
     shift = run.cfg.model.logit_shift
     maskable = shift_maskable(tokens.shape, tokens.device) if shift else None
     noisy, is_masked = mask_tokens(
-        tokens, t, index, seed=seed, mask_id=run.derived.mask_id, maskable=maskable
+        tokens,
+        t,
+        index,
+        seed=seed,
+        mask_id=run.derived.mask_id,
+        maskable=maskable,
+        complementary=plan.complementary,
     )
     positions = logit_positions(is_masked, shift=shift)
-    output = model(noisy, logit_positions=positions if obj.logits == "masked" else None, segments=segments)
-    return output, partial(loss_fn, run, tokens, is_masked, positions, t)
+    extra = {}
+    if plan.mask_noise_std > 0 and run.topo.is_first_stage:
+        extra["input_noise"] = mask_embedding_noise(
+            is_masked, index, seed=seed, std=plan.mask_noise_std, hidden_size=run.cfg.model.hidden_size
+        )
+    selected = positions if obj.logits == "masked" else None
+    output = model(noisy, logit_positions=selected, **attention, **extra)
+    return output, partial(loss_fn, run, tokens, is_masked, positions, t, plan.t_max - plan.t_min)
+
+
+def attention_inputs(run: Run, seed: int, plan: StepCurriculum, batch: dict) -> dict:
+    """What restricts attention this step: the document segments, or, while the
+    curriculum anneals from causal to bidirectional, the annealed mask (intersected with
+    the documents), built on every pipeline stage from (seed, sample indices) alone."""
+    segments = batch.get("segments")
+    if plan.bidirectional_ratio >= 1:
+        return {"segments": segments}
+    on_device = [value for key, value in batch.items() if key != "index"]  # indices stay on the host
+    mask = annealed_causal_mask(
+        batch["index"],
+        seed=seed,
+        ratio=plan.bidirectional_ratio,
+        length=plan.length,
+        segments=segments,
+        device=on_device[0].device if on_device else run.topo.device,
+    )
+    return {"attention_mask": mask}
 
 
 def _no_loss(output):
     raise RuntimeError("a middle pipeline stage has no loss: megatron calls loss_fn on the last stage only")
 
 
-def loss_fn(run: Run, tokens, is_masked, positions, t, output):
+def loss_fn(run: Run, tokens, is_masked, positions, t, band, output):
     obj = run.cfg.objective
     logits = output if obj.logits == "masked" else output.transpose(0, 1)[positions]
     logits = logits.reshape(-1, logits.shape[-1])
@@ -93,6 +139,7 @@ def loss_fn(run: Run, tokens, is_masked, positions, t, output):
         t,
         weighting=obj.weighting,
         normalization=obj.normalization,
+        band=band,
         cross_entropy=run.engine.cross_entropy,
     )
     stats = torch.stack(
@@ -109,16 +156,27 @@ def stage_data_keys(cfg: Config, topo: parallel.Topology) -> tuple[str, ...]:
     return keys + ("segments",) if cfg.model.attention == "document" else keys
 
 
-def microbatches(run: Run, first_index: int, samples):
+def microbatches(run: Run, first_index: int, samples, plan: StepCurriculum):
     """This data-parallel rank's share of the global batch starting at `first_index`.
     One rank per tensor-parallel group reads (and only on stages that need data); the
-    group receives its microbatch by broadcast, as in Megatron-LM."""
+    group receives its microbatch by broadcast, as in Megatron-LM. Under complementary
+    masking each sample read fills two rows (global rows 2k, 2k+1 hold sample k)."""
     d, mbs = run.derived, run.cfg.train.micro_batch_size
     start = first_index + run.topo.dp_rank * d.samples_per_dp_rank
-    shape = (mbs, run.cfg.data.seq_len)
+    rows_read = mbs // 2 if plan.complementary else mbs
     for index in torch.arange(start, start + d.samples_per_dp_rank, device="cpu").split(mbs):
-        batch = samples(index) if run.reads_data else None
-        yield {**run.engine.broadcast_batch(batch, run.stage_keys, shape), "index": index}
+        sample_index = index[0::2] // 2 if plan.complementary else index
+        batch = samples(sample_index) if run.reads_data else None
+        batch = run.engine.broadcast_batch(batch, run.stage_keys, (rows_read, run.cfg.data.seq_len))
+        yield {**fit_to_plan(batch, plan), "index": index}
+
+
+def fit_to_plan(batch: dict, plan: StepCurriculum) -> dict:
+    """The step's rows: each sample twice under complementary masking, cut to the step's
+    length (random-length steps)."""
+    if plan.complementary:
+        batch = {key: value.repeat_interleave(2, dim=0) for key, value in batch.items()}
+    return {key: value[:, : plan.length] for key, value in batch.items()}
 
 
 def sum_reports(reports: list[dict], device: torch.device) -> torch.Tensor:
@@ -129,17 +187,22 @@ def sum_reports(reports: list[dict], device: torch.device) -> torch.Tensor:
     return total
 
 
-def run_schedule(run: Run, first_index: int, samples, seed: int, forward_only: bool):
-    """Forward (and backward) over one global batch; returns global-sum statistics
-    [loss_sum, loss_count, correct, masked]."""
-    reports = run.engine.forward_backward(
-        partial(forward_step, run, seed),
-        microbatches(run, first_index, samples),
+def schedule(run: Run, first_index: int, samples, plan: StepCurriculum, step_fn, forward_only: bool):
+    """Forward (and backward) over one global batch; this rank's microbatch reports."""
+    return run.engine.forward_backward(
+        step_fn,
+        microbatches(run, first_index, samples, plan),
         num_microbatches=run.derived.num_microbatches,
-        seq_len=run.cfg.data.seq_len,
+        seq_len=plan.length,
         micro_batch_size=run.cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
+
+
+def run_schedule(run: Run, first_index: int, samples, seed: int, plan: StepCurriculum, forward_only: bool):
+    """The objective over one global batch; returns global-sum statistics
+    [loss_sum, loss_count, correct, masked]."""
+    reports = schedule(run, first_index, samples, plan, partial(forward_step, run, seed, plan), forward_only)
     return run.engine.global_sum(sum_reports(reports, run.topo.device)).cpu()
 
 
@@ -147,46 +210,138 @@ def train_step(run: Run) -> dict:
     """One optimizer step over one global batch."""
     cfg, d = run.cfg, run.derived
     step = run.step + 1
+    plan = step_plan(cfg, step)
     start = time.perf_counter()
     run.engine.train(True)
-    stats = run_schedule(run, run.consumed_samples, run.data.train, cfg.seed, False)
+    stats = run_schedule(run, run.consumed_samples, run.data.train, cfg.seed, plan, False)
     update = run.engine.optimizer_step(step)
     elapsed = time.perf_counter() - start
+    tokens = cfg.train.global_batch_size * plan.length
     run.step, run.consumed_samples = step, run.consumed_samples + cfg.train.global_batch_size
+    run.tokens_seen += tokens
 
     loss_sum, count, correct, masked = stats.tolist()
-    scored = masked if cfg.objective.logits == "masked" else d.tokens_per_step
-    flops = d.tokens_per_step * d.flops_per_token + scored * d.flops_per_scored_token
+    scored = masked if cfg.objective.logits == "masked" else tokens
+    flops = tokens * d.flops_per_token + scored * d.flops_per_scored_token
     return {
         "step": step,
         "loss": loss_sum / max(count, 1),
         "masked_acc": correct / max(masked, 1),
-        "masked_frac": masked / d.tokens_per_step,
+        "masked_frac": masked / tokens,
         "grad_norm": update.grad_norm,
         "lr": update.lr,
         "weight_decay": update.weight_decay,
         "update_applied": update.applied,
-        "tokens": run.consumed_samples * cfg.data.seq_len,
+        "tokens": run.tokens_seen,
         "step_time": elapsed,
-        "tokens_per_s": d.tokens_per_step / elapsed,
+        "tokens_per_s": tokens / elapsed,
         "mfu": flops / elapsed / (run.peak_flops * d.world_size),
+        **plan.metrics(),
     }
 
 
+def step_plan(cfg: Config, step: int) -> StepCurriculum:
+    """The curriculum's decisions for optimizer step `step` (pure: every rank agrees)."""
+    return curriculum_at(
+        cfg.curriculum,
+        step=step,
+        total_steps=cfg.train.steps,
+        seed=cfg.seed,
+        seq_len=cfg.data.seq_len,
+        min_length=2 if cfg.model.logit_shift else 1,  # position 0 is never masked under a shift
+    )
+
+
 def evaluate(run: Run) -> dict:
-    """Loss on held-out windows with fixed noise (the same every evaluation)."""
+    """Held-out samples with fixed noise (the same every evaluation): the training loss
+    and the Monte Carlo bound on the per-token NLL."""
     run.engine.train(False)
     total = torch.zeros(4, dtype=torch.float64, device="cpu")
     gbs = run.cfg.train.global_batch_size
+    plan = eval_curriculum(run.cfg.curriculum, run.cfg.data.seq_len)
     with torch.no_grad():
         for b in range(run.cfg.train.eval_batches):
-            total += run_schedule(run, b * gbs, run.data.eval, run.cfg.seed + EVAL_SEED_OFFSET, True)
+            total += run_schedule(run, b * gbs, run.data.eval, run.cfg.seed + EVAL_SEED_OFFSET, plan, True)
     loss_sum, count, correct, masked = total.tolist()
     return {
         "step": run.step,
         "eval_loss": loss_sum / max(count, 1),
         "eval_masked_acc": correct / max(masked, 1),
+        **likelihood(run),
     }
+
+
+# -- the likelihood bound (pretrain/likelihood.py) through the same schedule ----------------
+def likelihood(run: Run) -> dict:
+    """The NLL bound per token (nats) over eval.batches global batches of held-out
+    samples, eval.draws masks each, its standard error, and bits per byte where the
+    tokenizer's byte lengths are known. Exactly the same for two calls on one model."""
+    cfg, gbs = run.cfg, run.cfg.train.global_batch_size
+    plan = eval_curriculum(cfg.curriculum, cfg.data.seq_len)
+    stats = torch.zeros(7, dtype=torch.float64, device="cpu")
+    run.engine.train(False)
+    with torch.no_grad():
+        for b in range(cfg.eval.batches or cfg.train.eval_batches):
+            stats += likelihood_batch(run, b * gbs, plan)
+    bound, stderr = combine(stats[:6])
+    result = {"eval_nll": float(bound), "eval_nll_stderr": float(stderr), "eval_samples": int(stats[3])}
+    if stats[6] > 0:  # the bytes are known (on the last stage, which sent them here)
+        result["eval_bpb"] = float(bits_per_byte(stats[0], stats[6]))
+    return result
+
+
+def likelihood_batch(run: Run, first_index: int, plan: StepCurriculum) -> torch.Tensor:
+    """One global batch, every draw: [sample_stats..., bytes] summed over replicas."""
+    per_draw = []
+    for draw in range(run.cfg.eval.draws):
+        step_fn = partial(likelihood_forward_step, run, draw)
+        per_draw.append(schedule(run, first_index, run.data.eval, plan, step_fn, True))
+    stats = torch.zeros(7, dtype=torch.float64, device=run.topo.device)
+    if per_draw[0]:  # the last pipeline stage
+        sums = torch.stack([torch.cat([r["nll_sums"] for r in reports]) for reports in per_draw])
+        counts = torch.cat([r["counts"] for r in per_draw[0]])
+        scored_bytes = sum(r["bytes"] for r in per_draw[0])
+        stats = torch.cat([sample_stats(sums, counts), scored_bytes.reshape(1)])
+    return run.engine.global_sum(stats).cpu()
+
+
+def likelihood_forward_step(run: Run, draw: int, batch: dict, model):
+    """Draw `draw` of the estimator's masks (a function of the eval seed and the global
+    sample indices, as in training) and run this pipeline stage."""
+    if "tokens" not in batch:
+        return model(None, segments=batch.get("segments")), _no_loss
+    tokens, index, ev = batch["tokens"], batch["index"], run.cfg.eval
+    maskable = shift_maskable(tokens.shape, tokens.device) if run.cfg.model.logit_shift else None
+    noisy, is_masked, weight = eval_masks(
+        tokens,
+        index,
+        seed=run.cfg.seed + EVAL_SEED_OFFSET,
+        draw=draw,
+        num_draws=ev.draws,
+        mask_id=run.derived.mask_id,
+        method=ev.method,
+        maskable=maskable,
+    )
+    positions = logit_positions(is_masked, shift=run.cfg.model.logit_shift)
+    output = model(noisy, logit_positions=positions, segments=batch.get("segments"))
+    return output, partial(likelihood_loss_fn, run, tokens, is_masked, weight, maskable)
+
+
+def likelihood_loss_fn(run: Run, tokens, is_masked, weight, maskable, output):
+    """Per-sample weighted sums of the masked tokens' cross entropy (the estimate of each
+    sample's bound), their scoreable-token counts and bytes."""
+    ce = run.engine.cross_entropy(output.reshape(-1, output.shape[-1]), tokens[is_masked])
+    sums, counts = nll_sum(ce, is_masked, weight, maskable)
+    report = {"nll_sums": sums.detach(), "counts": counts, "bytes": scored_bytes(run, tokens, maskable)}
+    return sums.sum(), counts.sum(), report
+
+
+def scored_bytes(run: Run, tokens: torch.Tensor, maskable: torch.Tensor | None) -> torch.Tensor:
+    """UTF-8 bytes of the scoreable tokens (0 when the tokenizer's are unknown)."""
+    if run.token_bytes is None:
+        return torch.zeros((), dtype=torch.float64, device=tokens.device)
+    per_token = run.token_bytes[tokens]
+    return (per_token if maskable is None else per_token * maskable).sum()
 
 
 # -- set-up, checkpoints, loop -------------------------------------------------------------
@@ -203,7 +358,7 @@ def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     try:
         pipeline.check_layout(
-            cfg.data, vocab, seed=cfg.seed, micro_batch_size=cfg.train.micro_batch_size, dp_size=derived.dp
+            cfg.data, vocab, seed=cfg.seed, micro_batch_size=derived.data_micro_batch_size, dp_size=derived.dp
         )
     except pipeline.DataConfigError as e:
         raise ConfigError(str(e)) from e
@@ -220,6 +375,20 @@ def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
 
 
 def setup(cfg: Config) -> Run:
+    """Everything a training run needs: process groups, model, engine, the checkpoint to
+    continue from, data, the run directory's logs."""
+    run, vocab = build_run(cfg)
+    run.data = build_data(run, vocab, resume(run))
+    run.engine.barrier()  # ranks measure the matmul peak together, as they will train
+    run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
+    param_groups = run.engine.describe_param_groups()  # collective
+    if run.is_logging_rank:
+        start_logging(run, f"peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})", param_groups)
+    return run
+
+
+def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
+    """Process groups, this rank's model stage and engine; no data, nothing loaded."""
     vocab, derived, layout = preflight(cfg)
     topo = parallel.init_distributed(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
@@ -232,13 +401,10 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
     run.stage_keys = stage_data_keys(cfg, topo)
     run.reads_data = topo.tp_rank == 0 and bool(run.stage_keys)
-    run.data = build_data(run, vocab, resume(run))
-    engine.barrier()  # ranks measure the matmul peak together, as they will train
-    run.peak_flops, peak_source = peak_flops_per_device(cfg.cluster.peak_tflops)
-    param_groups = engine.describe_param_groups()  # collective
-    if run.is_logging_rank:
-        start_logging(run, f"peak {run.peak_flops / 1e12:.3f} TFLOP/s/device ({peak_source})", param_groups)
-    return run
+    if topo.is_last_stage:
+        lengths = pipeline.token_byte_lengths(cfg.data)
+        run.token_bytes = lengths.to(topo.device) if lengths is not None else None
+    return run, vocab
 
 
 def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) -> pipeline.TrainData:
@@ -249,7 +415,7 @@ def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) ->
         run.cfg.data,
         vocab,
         seed=run.cfg.seed,
-        micro_batch_size=run.cfg.train.micro_batch_size,
+        micro_batch_size=run.derived.data_micro_batch_size,
         dp_rank=run.topo.dp_rank,
         dp_size=run.topo.dp,
         state=data_state,
@@ -287,7 +453,8 @@ def start_lines(run: Run, peak: str, param_groups: str) -> str:
     """What the run is: layout, model, data (epochs), objective, optimizer, batch."""
     cfg, derived, p = run.cfg, run.derived, run.derived.params
     layers = "te" if parallel.use_transformer_engine(cfg.model.spec) else "local"
-    total_samples = cfg.train.steps * cfg.train.global_batch_size
+    total_samples = cfg.train.steps * cfg.train.global_batch_size * derived.data_micro_batch_size
+    total_samples //= cfg.train.micro_batch_size  # samples read: half the rows under complementary masking
     return (
         f"dlm train: {run.topo.describe()} {derived.precision}, layers {layers}  model {cfg.model.name} "
         f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
@@ -309,6 +476,7 @@ def resume(run: Run) -> dict | None:
     if latest is not None:
         state = parallel.load_checkpoint(latest, run.engine)
         run.step, run.consumed_samples = state["step"], state["consumed_samples"]
+        run.tokens_seen = state.get("tokens_seen", run.consumed_samples * run.cfg.data.seq_len)
         data_state = state.get("data_state")
         source = f"resumed from {latest} (step {run.step})"
         if state["schedule_changes"]:
@@ -334,6 +502,7 @@ def save(run: Run, *, include_optimizer: bool = True) -> Path:
         state={
             "step": run.step,
             "consumed_samples": run.consumed_samples,
+            "tokens_seen": run.tokens_seen,
             "data_state": run.data.state_dict(),
             "derived": run.derived.as_dict(),
         },
@@ -350,29 +519,46 @@ def train(cfg: Config) -> Run:
     try:
         if run.step >= t.steps and run.is_logging_rank:
             run.logger.write(f"dlm train: already at step {run.step} >= train.steps={t.steps}")
+        last_eval = None
         while run.step < t.steps:
-            metrics = train_step(run)
-            if run.logger:
-                run.logger.log(metrics)
-            if t.eval_every and run.step % t.eval_every == 0:
-                eval_metrics = evaluate(run)
-                if run.logger:
-                    run.logger.log(eval_metrics)
-            every = cfg.checkpoint.every
-            if (every and run.step % every == 0) or run.step == t.steps:
-                path = save(run)
-                if run.logger:
-                    run.logger.write(f"checkpoint: {path}")
+            last_eval = step_and_log(run) or last_eval
         if run.logger:
-            run.logger.write(
-                f"done: step {run.step}, {run.consumed_samples * cfg.data.seq_len:,} tokens seen; "
-                f"checkpoints in {run.run_dir / 'checkpoints'}, metrics in {run.logger.path}"
-            )
+            run.logger.write(done_line(run, last_eval))
     finally:
         run.data.close()
         if run.logger:
             run.logger.close()
     return run
+
+
+def step_and_log(run: Run) -> dict | None:
+    """One optimizer step, its metrics, and the evaluation and checkpoint due after it;
+    returns the evaluation's metrics if one ran."""
+    metrics, eval_metrics = train_step(run), None
+    if run.logger:
+        run.logger.log(metrics)
+    if run.cfg.train.eval_every and run.step % run.cfg.train.eval_every == 0:
+        eval_metrics = evaluate(run)
+        if run.logger:
+            run.logger.log(eval_metrics)
+    every = run.cfg.checkpoint.every
+    if (every and run.step % every == 0) or run.step == run.cfg.train.steps:
+        path = save(run)
+        if run.logger:
+            run.logger.write(f"checkpoint: {path}")
+    return eval_metrics
+
+
+def done_line(run: Run, last_eval: dict | None) -> str:
+    line = f"done: step {run.step}, {run.tokens_seen:,} tokens seen"
+    if last_eval:
+        line += (
+            f"; held-out NLL bound {last_eval['eval_nll']:.4f} ± {last_eval['eval_nll_stderr']:.4f} "
+            f"nats/token at step {last_eval['step']}"
+        )
+        if "eval_bpb" in last_eval:
+            line += f" ({last_eval['eval_bpb']:.3f} bits/byte)"
+    return line + f"; checkpoints in {run.run_dir / 'checkpoints'}, metrics in {run.logger.path}"
 
 
 def create_seed_checkpoint(cfg: Config) -> Path:

@@ -27,7 +27,24 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 # The harder options on purpose: 'masked' normalization must be exact over microbatches
 # and data-parallel ranks; stratified t depends on the global batch; tied embeddings
-# cross pipeline stages; QKV bias is the Qwen2 path.
+# cross pipeline stages; QKV bias is the Qwen2 path. The curriculum uses every scheduled
+# value: a moving t band, random-length steps (5 of the 6 with seed 7: lengths 40, 64,
+# 21, 2, 41, 1, so pipeline shapes change per step), annealed noise on the MASK
+# embedding, complementary pairs, causal-to-bidirectional attention annealing (a mask
+# tensor on every stage); the resume at step 3 lands mid-schedule.
+CURRICULUM = [
+    "curriculum.t_min.values=[0.05,0.3]",
+    "curriculum.t_min.at=[0,0.5]",
+    "curriculum.t_min.interp=linear",
+    "curriculum.random_length_prob.values=[0.3]",
+    "curriculum.mask_noise_std.values=[0.5,0.0]",
+    "curriculum.mask_noise_std.at=[0,0.5]",
+    "curriculum.mask_noise_std.interp=cosine",
+    "curriculum.complementary=true",
+    "curriculum.bidirectional_ratio.values=[0.2,1.0]",
+    "curriculum.bidirectional_ratio.at=[0,0.6]",
+    "curriculum.bidirectional_ratio.interp=linear",
+]
 CONFIG = [
     "model=tiny",
     "model.tie_embeddings=true",
@@ -42,6 +59,7 @@ CONFIG = [
     "checkpoint.every=3",
     "checkpoint.keep=0",
     "seed=7",
+    *CURRICULUM,
     *QUIET,
 ]
 # Activation recompute must not change results either: exercised on two layouts.
@@ -149,6 +167,8 @@ def _assert_same_steps(rows: list[dict], expected: list[dict], what: str) -> Non
             assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=1e-7), (
                 f"{what}: step {got['step']} {key} {got[key]!r} != {want[key]!r}"
             )
+        curriculum = {k: v for k, v in want.items() if k.startswith("curriculum/")}
+        assert curriculum and {k: got[k] for k in curriculum} == curriculum, f"{what}: step {got['step']}"
 
 
 def _assert_same_weights(a: dict, b: dict, what: str) -> None:
@@ -165,6 +185,15 @@ def test_reference_run_writes_metrics_and_checkpoints(reference):
         assert {"step", "loss", "lr", "tokens_per_s", "masked_acc", "grad_norm", "mfu"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
     assert rows[0]["lr"] < rows[1]["lr"]  # warmup
+    lengths = [r["curriculum/length"] for r in rows]
+    assert 64 in lengths and min(lengths) < 64  # full and cut steps both exercised
+    assert [r["tokens"] for r in rows] == [8 * sum(lengths[: i + 1]) for i in range(STEPS)]
+    noise = [r["curriculum/mask_noise_std"] for r in rows]
+    assert noise[0] == 0.5 and noise[-1] == 0.0 and noise == sorted(noise, reverse=True)
+    ratio = [r["curriculum/bidirectional_ratio"] for r in rows]  # 0.2 -> 1 over 60%: annealed, then plain
+    assert ratio[0] == 0.2 and 0.2 < ratio[2] < 1 and ratio[-1] == 1.0
+    t_min = [r["curriculum/t_min"] for r in rows]  # linear 0.05 -> 0.3 over the first half
+    assert t_min[0] == 0.05 and t_min[3:] == [0.3] * 3 and t_min[:4] == sorted(set(t_min[:4]))
     ckpts = reference / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{STEPS}"
     for step in (3, STEPS):
@@ -226,6 +255,32 @@ def test_exact_resume(root, reference):
     )
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_dlm_eval_is_exact_twice_and_the_same_at_tp2_and_pp2(root, reference):
+    """`dlm eval` of one checkpoint: the NLL bound, its standard error and the held-out
+    training loss are bit-identical on a second evaluation and equal at TP=2 and PP=2."""
+    checkpoint = root / "eval_checkpoint"
+    shutil.copytree(reference / "checkpoints" / f"step_{STEPS}", checkpoint)
+    results = {}
+    for name, nproc, extra in (
+        ("once", 1, []),
+        ("again", 1, []),
+        ("tp2", 2, ["parallel.tp=2"]),
+        ("pp2", 2, ["parallel.pp=2"]),
+    ):
+        proc = launch(nproc, [f"checkpoint={checkpoint}", *extra], module="pretrain.evaluate")
+        assert "NLL bound" in proc.stdout and "bits/byte" in proc.stdout
+        results[name] = json.loads((checkpoint / "eval.json").read_text())
+    once = results["once"]
+    assert once["step"] == STEPS and once["eval_samples"] == 2 * 8  # train.eval_batches x global batch
+    assert math.isfinite(once["eval_nll"]) and 0 < once["eval_nll_stderr"] < once["eval_nll"]
+    # byte tokens: one byte each, except the few EOS tokens (no bytes, still scored)
+    assert once["eval_nll"] / math.log(2) <= once["eval_bpb"] < 1.05 * once["eval_nll"] / math.log(2)
+    assert results["again"] == once
+    for name in ("tp2", "pp2"):
+        for key in ("eval_nll", "eval_nll_stderr", "eval_loss", "eval_bpb"):
+            assert results[name][key] == pytest.approx(once[key], rel=RTOL), (name, key)
 
 
 @pytest.mark.parametrize("target", ["tp1", "dp2"])
