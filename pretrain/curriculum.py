@@ -23,6 +23,14 @@ Schedules:
   bidirectional_ratio   attention-mask annealing (DiffuLLaMA): causal attention plus each
                         non-causal link with this probability (pretrain/masks.py); 1 (the
                         default) is plain bidirectional attention, no mask tensor.
+  block_size            block diffusion (BD3-LM): the model sees [x_t, x0] (2L tokens)
+                        under the block mask, one t per block; 0 or >= the step's length
+                        is plain full-sequence masked diffusion. Scheduled in steps it is
+                        LLaDA2.0's block-size Warmup-Stable-Decay (conf/curriculum/llada2_wsd).
+  ar_weight, dlm_weight the hybrid loss of AR-initialised runs (Megatron-Bridge's AR-to-DLM
+                        recipe: 1.0 x AR + 0.3 x DLM): with ar_weight > 0 the clean copy of
+                        [x_t, x0] attends causally and its next-token cross entropy is
+                        added; defaults 0 and 1 (diffusion only).
 And one switch:
   complementary         rows come in pairs holding the same sample, the second with the
                         complement of the first one's mask (LLaDA2.0): every token of the
@@ -64,7 +72,18 @@ class CurriculumConfig:
     random_length_prob: Schedule = field(default_factory=lambda: constant(0.0))
     mask_noise_std: Schedule = field(default_factory=lambda: constant(0.0))
     bidirectional_ratio: Schedule = field(default_factory=lambda: constant(1.0))
+    block_size: Schedule = field(default_factory=lambda: constant(0))  # 0: the full sequence
+    ar_weight: Schedule = field(default_factory=lambda: constant(0.0))
+    dlm_weight: Schedule = field(default_factory=lambda: constant(1.0))
     complementary: bool = False
+
+    @property
+    def uses_ar_loss(self) -> bool:
+        return max(self.ar_weight.values) > 0
+
+    def uses_block_diffusion(self, seq_len: int) -> bool:
+        """Some step trains with blocks shorter than the sequence."""
+        return any(0 < size < seq_len for size in self.block_size.values)
 
     @property
     def anneals_attention(self) -> bool:
@@ -83,6 +102,23 @@ class StepCurriculum:
     mask_noise_std: float
     bidirectional_ratio: float
     complementary: bool
+    block_size: int = 0  # tokens per block; the step's length when not block diffusion
+    ar_weight: float = 0.0
+    dlm_weight: float = 1.0
+
+    @property
+    def block_diffusion(self) -> bool:
+        return self.block_size < self.length
+
+    @property
+    def two_copies(self) -> bool:
+        """The model sees [x_t, x0]: block diffusion, or the hybrid loss's causal clean copy."""
+        return self.block_diffusion or self.ar_weight > 0
+
+    @property
+    def model_length(self) -> int:
+        """Tokens per row the model sees: 2L for [x_t, x0]."""
+        return 2 * self.length if self.two_copies else self.length
 
     def metrics(self) -> dict:
         """The per-step record fields (metrics.jsonl, wandb)."""
@@ -92,6 +128,9 @@ class StepCurriculum:
             "curriculum/length": self.length,
             "curriculum/mask_noise_std": self.mask_noise_std,
             "curriculum/bidirectional_ratio": self.bidirectional_ratio,
+            "curriculum/block_size": self.block_size,
+            "curriculum/ar_weight": self.ar_weight,
+            "curriculum/dlm_weight": self.dlm_weight,
         }
 
 
@@ -121,7 +160,7 @@ def step_length(seed: int, step: int, probability: float, seq_len: int, *, min_l
     if probability <= 0:
         return seq_len
     generator = torch.Generator().manual_seed(mix_seed(seed, _STREAM_LENGTH, step))
-    draw, length = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+    draw, length = torch.rand(2, generator=generator, dtype=torch.float64, device="cpu").tolist()
     if draw >= probability:
         return seq_len
     return min_length + int(length * (seq_len - min_length + 1))
@@ -132,16 +171,26 @@ def curriculum_at(
 ) -> StepCurriculum:
     """Everything the curriculum decides for optimizer step `step` (1-based)."""
     fraction = progress(step, total_steps)
+    cut = value_at(cfg.random_length_prob, fraction)
+    length = step_length(seed, step, cut, seq_len, min_length=min_length)
     return StepCurriculum(
         t_min=value_at(cfg.t_min, fraction),
         t_max=value_at(cfg.t_max, fraction),
-        length=step_length(
-            seed, step, value_at(cfg.random_length_prob, fraction), seq_len, min_length=min_length
-        ),
+        length=length,
         mask_noise_std=value_at(cfg.mask_noise_std, fraction),
         bidirectional_ratio=value_at(cfg.bidirectional_ratio, fraction),
         complementary=cfg.complementary,
+        block_size=effective_block_size(value_at(cfg.block_size, fraction), length),
+        ar_weight=value_at(cfg.ar_weight, fraction),
+        dlm_weight=value_at(cfg.dlm_weight, fraction),
     )
+
+
+def effective_block_size(value: float, length: int) -> int:
+    """A scheduled block size as used on a sequence of `length`: 0 and anything from the
+    length up mean the whole sequence (plain masked diffusion)."""
+    size = int(round(value))
+    return length if size <= 0 or size >= length else size
 
 
 def eval_curriculum(cfg: CurriculumConfig, seq_len: int) -> StepCurriculum:
@@ -155,6 +204,7 @@ def eval_curriculum(cfg: CurriculumConfig, seq_len: int) -> StepCurriculum:
         mask_noise_std=0.0,
         bidirectional_ratio=1.0,
         complementary=False,
+        block_size=seq_len,
     )
 
 
@@ -183,6 +233,16 @@ def check(cfg: CurriculumConfig) -> list[str]:
     problems += check_schedule("curriculum.random_length_prob", cfg.random_length_prob, low=0.0, high=1.0)
     problems += check_schedule("curriculum.mask_noise_std", cfg.mask_noise_std, low=0.0, high=math.inf)
     problems += check_schedule("curriculum.bidirectional_ratio", cfg.bidirectional_ratio, low=0.0, high=1.0)
+    problems += check_schedule("curriculum.block_size", cfg.block_size, low=0, high=math.inf)
+    problems += check_schedule("curriculum.ar_weight", cfg.ar_weight, low=0, high=math.inf)
+    problems += check_schedule("curriculum.dlm_weight", cfg.dlm_weight, low=0, high=math.inf)
+    if cfg.block_size.interp != "step" or any(v != int(v) for v in cfg.block_size.values):
+        problems.append("curriculum.block_size: whole numbers of tokens, changing in steps (interp: step)")
+    if (any(0 < v for v in cfg.block_size.values) or cfg.uses_ar_loss) and cfg.anneals_attention:
+        problems.append(
+            "curriculum.block_size / ar_weight and curriculum.bidirectional_ratio both set the "
+            "attention mask: use one"
+        )
     if not problems:
         problems += check_band(cfg)
     return problems

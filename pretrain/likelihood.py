@@ -135,9 +135,10 @@ def eval_masks(
     if maskable is None:
         maskable = torch.ones_like(tokens, dtype=torch.bool)
     idx = [int(i) for i in indices.tolist()]
-    v = torch.tensor([_level(seed, i, draw, num_draws, method) for i in idx], dtype=torch.float64)
+    levels = [_level(seed, i, draw, num_draws, method) for i in idx]
+    v = torch.tensor(levels, dtype=torch.float64, device="cpu")  # host draws, moved below
     u = [_host_uniform(L, seed, _STREAM_POSITIONS, i, draw) for i in idx]
-    u = torch.stack(u) if idx else torch.empty(0, L, dtype=torch.float64)
+    u = torch.stack(u) if idx else torch.empty(0, L, dtype=torch.float64, device="cpu")
     v, u = v.to(tokens.device), u.to(tokens.device)
     if method == "antithetic_t":
         is_masked, weight = _mask_bernoulli(u, v, maskable, eps)

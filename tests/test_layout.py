@@ -41,7 +41,13 @@ def test_no_cuda_literals_outside_the_cpu_shim():
 
 # The training step's own modules: every tensor they create must name its device (from
 # an input's `.device` or the topology), else it lands on the CPU and fails on a GPU.
-STEP_MODULES = ("pretrain/objective.py", "pretrain/train.py", "pretrain/curriculum.py")
+STEP_MODULES = (
+    "pretrain/objective.py",
+    "pretrain/train.py",
+    "pretrain/curriculum.py",
+    "pretrain/masks.py",
+    "pretrain/likelihood.py",
+)
 FACTORIES = {
     "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "eye",
     "rand", "randn", "randint", "randperm", "bernoulli", "scalar_tensor",
