@@ -114,6 +114,8 @@ class Denoiser(GPTModel):
         [b, 1, s, s] allows: True = blocked);
       - `input_noise`: added to the input embeddings (first stage; the curriculum's
         noise on the MASK token's embedding);
+      - `rope_positions` [s]: the rotary position of each input position (block
+        diffusion's [x_t, x0] input repeats 0..L-1); None: 0..s-1;
       - first/middle pipeline stages return hidden states for the next stage;
       - the last stage returns vocab-parallel logits: [s, b, V/tp] for all positions,
         or [n, 1, V/tp] for the n positions where `logit_positions` is True
@@ -129,12 +131,15 @@ class Denoiser(GPTModel):
         logit_positions=None,
         segments=None,
         input_noise=None,
+        rope_positions=None,
     ):
         if segments is not None:
             attention_mask = document_attention_mask(segments)
         decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, seq_offset, _ = self._preprocess(
             input_ids=input_ids, position_ids=position_ids
         )[:6]
+        if rope_positions is not None:  # [s, 1, 1, d] frequencies of positions 0..s-1
+            rotary_pos_emb = rotary_pos_emb[rope_positions]
         if input_noise is not None and self.pre_process:  # embeddings are [s, b, h]
             decoder_input = decoder_input + input_noise.transpose(0, 1).to(decoder_input.dtype)
         hidden = self.decoder(

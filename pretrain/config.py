@@ -356,12 +356,49 @@ def validate(cfg: Config) -> None:
             "curriculum.bidirectional_ratio anneals causal attention towards bidirectional: "
             "it needs model.attention=bidirectional or document, not causal"
         )
+    if cfg.curriculum.uses_block_diffusion(cfg.data.seq_len):
+        check_block_diffusion(cfg)
+    if cfg.curriculum.uses_ar_loss:
+        check_hybrid_loss(cfg)
     if cfg.curriculum.complementary and t.micro_batch_size % 2:
         raise ConfigError(
             f"curriculum.complementary=true pairs rows within a microbatch: "
             f"train.micro_batch_size={t.micro_batch_size} must be even"
         )
     validate_optim(cfg.optim)
+
+
+def takes_mask_tensors(cfg: Config) -> bool:
+    """The trainer passes attention-mask tensors (curriculum annealing or blocks)."""
+    c = cfg.curriculum
+    return c.anneals_attention or c.uses_block_diffusion(cfg.data.seq_len) or c.uses_ar_loss
+
+
+def check_block_diffusion(cfg: Config) -> None:
+    """Block diffusion draws one t per block and brings its own attention mask."""
+    if cfg.objective.t_sampling != "uniform":
+        raise ConfigError(
+            f"curriculum.block_size draws one t per block, uniformly: objective.t_sampling="
+            f"{cfg.objective.t_sampling} (per sample) does not apply; set objective.t_sampling=uniform"
+        )
+    if cfg.model.attention == "causal":
+        raise ConfigError("curriculum.block_size needs model.attention=bidirectional or document, not causal")
+
+
+def check_hybrid_loss(cfg: Config) -> None:
+    """The AR part is next-token prediction of the clean copy, normalized like the DLM part."""
+    if not cfg.model.logit_shift:
+        raise ConfigError(
+            "curriculum.ar_weight > 0 trains next-token prediction: it needs model.logit_shift=true "
+            "(position i predicts token i+1, as the AR model the run starts from)"
+        )
+    if cfg.objective.normalization != "tokens":
+        raise ConfigError(
+            "curriculum.ar_weight > 0 adds a per-token AR loss: objective.normalization must be tokens "
+            "(both parts divided by the same token count)"
+        )
+    if cfg.model.attention == "causal":
+        raise ConfigError("curriculum.ar_weight needs model.attention=bidirectional or document, not causal")
 
 
 @dataclass(frozen=True)
@@ -380,6 +417,9 @@ class Derived:
     params: dict
     flops_per_token: float  # model FLOPs (fwd + bwd) per trained token, excluding the output layer
     flops_per_scored_token: float  # output layer FLOPs per scored (masked) position
+    # attention FLOPs (fwd + bwd) per token per position it attends over (12 x layers x
+    # hidden): a sequence of S tokens costs flops_per_token + this x (S - data.seq_len) per token
+    attention_flops_per_position: float
     precision: str  # train.precision resolved: bf16 | fp32 (auto: bf16 with CUDA)
 
     def as_dict(self) -> dict:
@@ -433,6 +473,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         params=params,
         flops_per_token=float(flops_per_token),
         flops_per_scored_token=float(6 * m.hidden_size * padded),
+        attention_flops_per_position=float(12 * m.num_layers * h_attn),
         precision=resolve_precision(t.precision),
     )
 
@@ -463,7 +504,7 @@ def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:
         init_std=m.init_std,
         causal=m.attention == "causal",
         document_attention=m.attention == "document",
-        mask_tensors=cfg.curriculum.anneals_attention,
+        mask_tensors=takes_mask_tensors(cfg),
         spec=m.spec,
         recompute=m.recompute,
     )

@@ -34,10 +34,22 @@ Device = torch.device | str | None
 
 
 def block_diffusion_mask(
-    segments: torch.Tensor | None, block_size: int, *, length: int, device: Device = None
+    segments: torch.Tensor | None,
+    block_size: int,
+    *,
+    length: int,
+    device: Device = None,
+    shift: bool = False,
+    clean_causal: bool = False,
 ) -> torch.Tensor:
     """BD3-LM mask for the input [x_t, x0]: positions [0, L) the noisy copy, [L, 2L) the clean
     copy, block of a position p within its copy = p // block_size (the last block may be short).
+    `shift` (a logit shift: position p predicts token p+1): the block of p is that of the
+    token it predicts, (p + 1) // block_size, so block k's queries are positions
+    k*bs - 1 .. k*bs + bs - 2 (see pretrain/objective.py, block_diffusion_inputs); a block
+    of the whole length is one block either way (the noisy copy sees all of itself).
+    `clean_causal`: the clean copy attends causally (k <= q) instead of block-causally, so
+    that its logits are next-token predictions (the hybrid AR + diffusion loss).
 
     Allowed (False) links: noisy q -> noisy k iff same block; noisy q -> clean k iff
     block(k) < block(q); clean q -> clean k iff block(k) <= block(q); clean q -> noisy k
@@ -46,12 +58,14 @@ def block_diffusion_mask(
     over the batch) when `segments` is None."""
     segments, device = _resolve(segments, length, device)
     _check_block_size(block_size)
-    blocks = _block_ids(length, block_size, device).repeat(2)
+    blocks = _block_ids(length, block_size, device, shift=shift).repeat(2)
     clean = torch.arange(2 * length, device=device) >= length
     bq, bk, cq, ck = blocks[:, None], blocks[None, :], clean[:, None], clean[None, :]
     noisy_to_noisy = ~cq & ~ck & (bk == bq)
     noisy_to_clean = ~cq & ck & (bk < bq)
-    clean_to_clean = cq & ck & (bk <= bq)
+    positions = torch.arange(2 * length, device=device)
+    before = positions[None, :] <= positions[:, None] if clean_causal else bk <= bq
+    clean_to_clean = cq & ck & before
     blocked = ~(noisy_to_noisy | noisy_to_clean | clean_to_clean)
     if segments is None:
         return blocked[None, None]
@@ -131,8 +145,10 @@ def _document_blocked(segments: torch.Tensor) -> torch.Tensor:
     return segments[:, None, :, None] != segments[:, None, None, :]
 
 
-def _block_ids(length: int, block_size: int, device: Device) -> torch.Tensor:
-    return torch.arange(length, device=device) // block_size
+def _block_ids(length: int, block_size: int, device: Device, shift: bool = False) -> torch.Tensor:
+    if block_size >= length:  # one block: no window to shift
+        return torch.zeros(length, dtype=torch.long, device=device)
+    return (torch.arange(length, device=device) + int(shift)) // block_size
 
 
 def _check_block_size(block_size: int) -> None:

@@ -43,6 +43,7 @@ _STREAM_T = 0x7A11
 _STREAM_MASK = 0x3A5C
 _STREAM_STRATA = 0x57A7
 _STREAM_NOISE = 0x2015E
+_STREAM_BLOCK_T = 0xB10C
 _MASK64 = (1 << 64) - 1
 
 
@@ -117,6 +118,50 @@ def sample_t(
     return t.float()
 
 
+def block_t(
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    block_size: int,
+    length: int,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    complementary: bool = False,
+) -> torch.Tensor:
+    """[B, L] masking levels for block diffusion (BD3-LM): one t ~ U[t_min, t_max) per block
+    of `block_size` tokens (the last block may be shorter), token j getting the t of block
+    j // block_size; drawn from (seed, global sample index). `complementary`: the second
+    row of a pair gets 1 - t of the first, block by block (as sample_t)."""
+    base = _pair_base(indices) if complementary else indices
+    num_blocks = -(-length // block_size)
+    u = [_uniform(seed, _STREAM_BLOCK_T, int(i), num_blocks) for i in base.tolist()]
+    t = t_min + (t_max - t_min) * torch.stack(u)
+    if complementary:
+        t = torch.where(_is_second_of_pair(indices)[:, None], 1.0 - t, t)
+    return t.repeat_interleave(block_size, dim=1)[:, :length].float()
+
+
+def block_diffusion_inputs(noisy: torch.Tensor, tokens: torch.Tensor, *, block_size: int, shift: bool):
+    """The model input of block diffusion: [x_t, x0] ([B, 2L]), the noisy copy first. Under
+    a logit shift block k is predicted from positions k*bs - 1 .. k*bs + bs - 2 (each
+    predicts the next token), so the first of them holds its clean token: the last token
+    of block k-1, which block k is conditioned on. With block size 1 the noisy copy is
+    then the clean sequence and block diffusion is next-token prediction. A block of the
+    whole sequence is plain masked diffusion on the noisy copy."""
+    if shift and block_size < tokens.shape[1]:
+        window_start = (torch.arange(tokens.shape[1], device=tokens.device) + 1) % block_size == 0
+        noisy = torch.where(window_start, tokens, noisy)
+    return torch.cat([noisy, tokens], dim=1)
+
+
+def next_token_positions(shape: tuple[int, int], device=None) -> torch.Tensor:
+    """[B, L] bool: the positions of the clean copy that predict a next token (all but the
+    last), for the autoregressive part of the hybrid loss."""
+    positions = torch.ones(shape, dtype=torch.bool, device=device)
+    positions[:, -1] = False
+    return positions
+
+
 def _pair_base(indices: torch.Tensor) -> torch.Tensor:
     """The first index of each row's complementary pair (2k for rows 2k and 2k+1)."""
     return indices - indices % 2
@@ -148,13 +193,15 @@ def mask_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each token of sample b independently with probability t[b].
 
-    tokens [B, L] int, t [B], indices [B] global sample indices. `maskable` [B, L]
+    tokens [B, L] int, t [B] (or [B, L]: a level per token, block_t), indices [B] global
+    sample indices. `maskable` [B, L]
     bool excludes positions (e.g. padding, a prompt). `complementary`: row 2k+1 (which
     holds the same sample as row 2k) is masked exactly where row 2k is not, its t being
     1 - t of row 2k (sample_t). Returns (x_t, is_masked)."""
     L = tokens.shape[1]
     u = torch.stack([_uniform(seed, _STREAM_MASK, int(i), L) for i in indices.tolist()])
-    is_masked = u.to(tokens.device) < t.to(torch.float64).to(tokens.device)[:, None]
+    level = t.to(torch.float64).to(tokens.device)
+    is_masked = u.to(tokens.device) < (level[:, None] if level.dim() == 1 else level)
     if complementary:
         is_masked = _complement_pairs(is_masked, indices)
     if maskable is not None:
@@ -215,10 +262,10 @@ def diffusion_loss(
 
     logits: [B, L, V] for every position, or [n, V] / [n, 1, V] for the n masked
     positions only (in row-major order of `is_masked`). targets, is_masked: [B, L];
-    t: [B]. `band` = t_max - t_min of the range t was drawn from: the ELBO weight is
-    band / t, so the loss is the band's part of the ELBO integral (1/t alone would make it
-    the band's average, which grows as the band narrows). `valid` [B, L] marks tokens that
-    count (default: all).
+    t: [B] (or [B, L], a level per token). `band` = t_max - t_min of the range t was
+    drawn from: the ELBO weight is band / t, so the loss is the band's part of the ELBO
+    integral (1/t alone would make it the band's average, which grows as the band
+    narrows). `valid` [B, L] marks tokens that count (default: all).
     `cross_entropy(logits [n, V], targets [n]) -> [n]` defaults to torch's; pass a
     vocab-parallel one for tensor-parallel logits."""
     if weighting not in WEIGHTINGS:
@@ -234,7 +281,8 @@ def diffusion_loss(
     ce_fn = cross_entropy or (lambda lg, tg: F.cross_entropy(lg.float(), tg, reduction="none"))
     ce = ce_fn(logits, targets[is_masked])
     if weighting == "elbo":
-        ce = ce * band / t[:, None].expand_as(targets)[is_masked].to(ce.dtype)
+        level = t[:, None].expand_as(targets) if t.dim() == 1 else t
+        ce = ce * band / level[is_masked].to(ce.dtype)
     loss_sum = ce.sum()
     if normalization == "masked":
         count = is_masked.sum()

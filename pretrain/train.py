@@ -26,13 +26,16 @@ from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
 from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
-from pretrain.masks import annealed_causal_mask
+from pretrain.masks import annealed_causal_mask, block_diffusion_mask
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
 from pretrain.objective import (
+    block_diffusion_inputs,
+    block_t,
     diffusion_loss,
     logit_positions,
     mask_embedding_noise,
     mask_tokens,
+    next_token_positions,
     sample_t,
     shift_maskable,
 )
@@ -71,18 +74,8 @@ def forward_step(run: Run, seed: int, plan: StepCurriculum, batch: dict, model):
     attention = attention_inputs(run, seed, plan, batch)
     if "tokens" not in batch:
         return model(None, **attention), _no_loss
-    obj = run.cfg.objective
-    tokens, index = batch["tokens"], batch["index"]
-    t = sample_t(
-        index,
-        seed=seed,
-        method=obj.t_sampling,
-        t_min=plan.t_min,
-        t_max=plan.t_max,
-        global_batch_size=run.cfg.train.global_batch_size,
-        complementary=plan.complementary,
-    ).to(tokens.device)
-    shift = run.cfg.model.logit_shift
+    tokens, index, shift = batch["tokens"], batch["index"], run.cfg.model.logit_shift
+    t = noise_levels(run, seed, plan, index, tokens.shape[1]).to(tokens.device)
     maskable = shift_maskable(tokens.shape, tokens.device) if shift else None
     noisy, is_masked = mask_tokens(
         tokens,
@@ -94,31 +87,66 @@ def forward_step(run: Run, seed: int, plan: StepCurriculum, batch: dict, model):
         complementary=plan.complementary,
     )
     positions = logit_positions(is_masked, shift=shift)
+    if plan.two_copies:  # [x_t, x0]: diffusion logits from the noisy copy, AR ones from the clean
+        noisy = block_diffusion_inputs(noisy, tokens, block_size=plan.block_size, shift=shift)
+        clean = next_token_positions(tokens.shape, tokens.device) if plan.ar_weight > 0 else None
+        positions = torch.cat([positions, clean if clean is not None else torch.zeros_like(positions)], 1)
     extra = {}
     if plan.mask_noise_std > 0 and run.topo.is_first_stage:
         extra["input_noise"] = mask_embedding_noise(
-            is_masked, index, seed=seed, std=plan.mask_noise_std, hidden_size=run.cfg.model.hidden_size
+            noisy == run.derived.mask_id,
+            index,
+            seed=seed,
+            std=plan.mask_noise_std,
+            hidden_size=run.cfg.model.hidden_size,
         )
-    selected = positions if obj.logits == "masked" else None
+    selected = positions if run.cfg.objective.logits == "masked" else None
     output = model(noisy, logit_positions=selected, **attention, **extra)
-    return output, partial(loss_fn, run, tokens, is_masked, positions, t, plan.t_max - plan.t_min)
+    return output, partial(loss_fn, run, plan, tokens, is_masked, positions, t)
+
+
+def noise_levels(run: Run, seed: int, plan: StepCurriculum, index: torch.Tensor, length: int) -> torch.Tensor:
+    """t per sample ([b]), or per token under block diffusion (one t per block, [b, L])."""
+    band = dict(t_min=plan.t_min, t_max=plan.t_max, complementary=plan.complementary)
+    if plan.block_diffusion:
+        return block_t(index, seed=seed, block_size=plan.block_size, length=length, **band)
+    return sample_t(
+        index,
+        seed=seed,
+        method=run.cfg.objective.t_sampling,
+        global_batch_size=run.cfg.train.global_batch_size,
+        **band,
+    )
 
 
 def attention_inputs(run: Run, seed: int, plan: StepCurriculum, batch: dict) -> dict:
-    """What restricts attention this step: the document segments, or, while the
-    curriculum anneals from causal to bidirectional, the annealed mask (intersected with
-    the documents), built on every pipeline stage from (seed, sample indices) alone."""
+    """What restricts attention this step, built on every pipeline stage from the step's
+    curriculum, the sample indices and the segments alone: the block-diffusion mask over
+    [x_t, x0] (with the rotary positions of both copies), or, while the curriculum anneals
+    from causal to bidirectional, the annealed mask, or the document segments; block and
+    annealed masks are intersected with the documents."""
     segments = batch.get("segments")
+    on_device = [value for key, value in batch.items() if key != "index"]  # indices stay on the host
+    device = on_device[0].device if on_device else run.topo.device
+    if plan.two_copies:
+        mask = block_diffusion_mask(
+            segments,
+            plan.block_size,
+            length=plan.length,
+            device=device,
+            shift=run.cfg.model.logit_shift,
+            clean_causal=plan.ar_weight > 0,
+        )
+        return {"attention_mask": mask, "rope_positions": torch.arange(plan.length, device=device).repeat(2)}
     if plan.bidirectional_ratio >= 1:
         return {"segments": segments}
-    on_device = [value for key, value in batch.items() if key != "index"]  # indices stay on the host
     mask = annealed_causal_mask(
         batch["index"],
         seed=seed,
         ratio=plan.bidirectional_ratio,
         length=plan.length,
         segments=segments,
-        device=on_device[0].device if on_device else run.topo.device,
+        device=device,
     )
     return {"attention_mask": mask}
 
@@ -127,25 +155,35 @@ def _no_loss(output):
     raise RuntimeError("a middle pipeline stage has no loss: megatron calls loss_fn on the last stage only")
 
 
-def loss_fn(run: Run, tokens, is_masked, positions, t, band, output):
+def loss_fn(run: Run, plan: StepCurriculum, tokens, is_masked, positions, t, output):
+    """The step's loss: dlm_weight x the diffusion loss (+ ar_weight x the clean copy's
+    next-token loss, scaled so that both are divided by the same token count). Reports
+    [loss_sum, count, correct, masked, ar_sum, ar_count]."""
     obj = run.cfg.objective
     logits = output if obj.logits == "masked" else output.transpose(0, 1)[positions]
     logits = logits.reshape(-1, logits.shape[-1])
-    correct = run.engine.correct(logits, tokens[is_masked]).sum()  # before the in-place CE
+    second_copy = torch.arange(positions.shape[1], device=positions.device) >= tokens.shape[1]
+    from_clean = second_copy.expand_as(positions)[positions]  # logit rows of the clean copy (AR)
+    denoised = logits[~from_clean] if plan.ar_weight > 0 else logits
+    correct = run.engine.correct(denoised, tokens[is_masked]).sum()  # before the in-place CE
     loss_sum, count = diffusion_loss(
-        logits,
+        denoised,
         tokens,
         is_masked,
         t,
         weighting=obj.weighting,
         normalization=obj.normalization,
-        band=band,
+        band=plan.t_max - plan.t_min,
         cross_entropy=run.engine.cross_entropy,
     )
-    stats = torch.stack(
-        [loss_sum.detach().double(), count.double(), correct.double(), is_masked.sum().double()]
-    )
-    return loss_sum, count, {"stats": stats}
+    ar_sum, ar_count = torch.zeros_like(loss_sum), torch.zeros_like(count)
+    if plan.ar_weight > 0:
+        next_tokens = tokens[:, 1:].reshape(-1)
+        ar_sum = run.engine.cross_entropy(logits[from_clean], next_tokens).sum()
+        ar_count = next_tokens.numel()
+    total = plan.dlm_weight * loss_sum + plan.ar_weight * ar_sum * (count / max(ar_count, 1))
+    parts = [total, count, correct, is_masked.sum(), ar_sum, torch.as_tensor(ar_count, device=count.device)]
+    return total, count, {"stats": torch.stack([part.detach().double() for part in parts])}
 
 
 # -- one optimizer step ----------------------------------------------------------------------
@@ -181,7 +219,7 @@ def fit_to_plan(batch: dict, plan: StepCurriculum) -> dict:
 
 def sum_reports(reports: list[dict], device: torch.device) -> torch.Tensor:
     """This rank's microbatch statistics summed (zeros on stages without a loss)."""
-    total = torch.zeros(4, dtype=torch.float64, device=device)
+    total = torch.zeros(6, dtype=torch.float64, device=device)
     for report in reports:
         total += report["stats"]
     return total
@@ -193,7 +231,7 @@ def schedule(run: Run, first_index: int, samples, plan: StepCurriculum, step_fn,
         step_fn,
         microbatches(run, first_index, samples, plan),
         num_microbatches=run.derived.num_microbatches,
-        seq_len=plan.length,
+        seq_len=plan.model_length,
         micro_batch_size=run.cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
@@ -217,12 +255,14 @@ def train_step(run: Run) -> dict:
     update = run.engine.optimizer_step(step)
     elapsed = time.perf_counter() - start
     tokens = cfg.train.global_batch_size * plan.length
+    processed = cfg.train.global_batch_size * plan.model_length  # 2L per row under block diffusion
+    per_token = d.flops_per_token + d.attention_flops_per_position * (plan.model_length - cfg.data.seq_len)
     run.step, run.consumed_samples = step, run.consumed_samples + cfg.train.global_batch_size
     run.tokens_seen += tokens
 
-    loss_sum, count, correct, masked = stats.tolist()
-    scored = masked if cfg.objective.logits == "masked" else tokens
-    flops = tokens * d.flops_per_token + scored * d.flops_per_scored_token
+    loss_sum, count, correct, masked, ar_sum, ar_count = stats.tolist()
+    scored = masked + ar_count if cfg.objective.logits == "masked" else processed
+    flops = processed * per_token + scored * d.flops_per_scored_token
     return {
         "step": step,
         "loss": loss_sum / max(count, 1),
@@ -236,6 +276,7 @@ def train_step(run: Run) -> dict:
         "step_time": elapsed,
         "tokens_per_s": tokens / elapsed,
         "mfu": flops / elapsed / (run.peak_flops * d.world_size),
+        **({"ar_loss": ar_sum / ar_count} if ar_count else {}),  # the hybrid loss's next-token part
         **plan.metrics(),
     }
 
@@ -256,13 +297,13 @@ def evaluate(run: Run) -> dict:
     """Held-out samples with fixed noise (the same every evaluation): the training loss
     and the Monte Carlo bound on the per-token NLL."""
     run.engine.train(False)
-    total = torch.zeros(4, dtype=torch.float64, device="cpu")
+    total = torch.zeros(6, dtype=torch.float64, device="cpu")
     gbs = run.cfg.train.global_batch_size
     plan = eval_curriculum(run.cfg.curriculum, run.cfg.data.seq_len)
     with torch.no_grad():
         for b in range(run.cfg.train.eval_batches):
             total += run_schedule(run, b * gbs, run.data.eval, run.cfg.seed + EVAL_SEED_OFFSET, plan, True)
-    loss_sum, count, correct, masked = total.tolist()
+    loss_sum, count, correct, masked, _, _ = total.tolist()
     return {
         "step": run.step,
         "eval_loss": loss_sum / max(count, 1),

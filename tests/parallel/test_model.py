@@ -191,3 +191,68 @@ def test_distributed_optimizer_shards_adam_states_over_data_parallel_ranks():
     assert sum(r["state"] for r in ranks) == pytest.approx(2 * params, rel=0.02)
     for r in ranks:
         assert r["state"] < 1.1 * params
+
+
+def _block_diffusion_logits() -> dict:
+    """Logits of block diffusion's [x_t, x0] input under the block mask, against the
+    models they must reduce to: block size 1 with a logit shift against the same weights
+    run causally (next-token prediction), block size L against the plain bidirectional
+    denoiser on x_t."""
+    from parallel import ModelDims, build_model, init_distributed, shutdown_distributed
+    from pretrain.masks import block_diffusion_mask
+    from pretrain.objective import block_diffusion_inputs, logit_positions, mask_tokens, shift_maskable
+
+    topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
+    batch, length, mask_id = 2, 16, 255
+    x = torch.randint(0, 250, (batch, length), generator=torch.Generator().manual_seed(0))
+    rope = torch.arange(length).repeat(2)
+    models = {}
+    for causal in (False, True):
+        torch.manual_seed(0)
+        models[causal] = build_model(ModelDims(**DIMS, causal=causal, mask_tensors=True), topo).eval()
+    out = {}
+    with torch.no_grad():
+        # block size 1 + shift: every target but position 0, predicted from the position before
+        masked = shift_maskable(x.shape)
+        positions = logit_positions(masked, shift=True)
+        noisy = torch.where(masked, mask_id, x)
+        inputs = block_diffusion_inputs(noisy, x, block_size=1, shift=True)
+        mask = block_diffusion_mask(None, 1, length=length, shift=True)
+        selected = torch.cat([positions, torch.zeros_like(positions)], dim=1)
+        block = models[False](inputs, logit_positions=selected, attention_mask=mask, rope_positions=rope)
+        causal = models[True](x).transpose(0, 1)[positions]  # [n, V]: position p predicts x[p + 1]
+        out["shift_block1"] = (block[:, 0] - causal, x[masked], inputs, x)
+        # the hybrid loss: blocks of 4 with a causal clean copy, whose logits are the AR model's
+        mask = block_diffusion_mask(None, 4, length=length, shift=True, clean_causal=True)
+        inputs = block_diffusion_inputs(noisy, x, block_size=4, shift=True)
+        clean = torch.zeros(batch, 2 * length, dtype=torch.bool)
+        clean[:, length:-1] = True
+        hybrid = models[False](inputs, logit_positions=clean, attention_mask=mask, rope_positions=rope)
+        out["causal_clean_copy"] = hybrid[:, 0] - models[True](x).transpose(0, 1)[:, :-1].reshape(-1, 256)
+        # block size L, no shift: the noisy copy sees only itself, as the plain denoiser
+        t = torch.tensor([0.3, 0.7])
+        noisy, masked = mask_tokens(x, t, torch.arange(batch), seed=3, mask_id=mask_id)
+        inputs = block_diffusion_inputs(noisy, x, block_size=length, shift=False)
+        mask = block_diffusion_mask(None, length, length=length)
+        selected = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+        block = models[False](inputs, logit_positions=selected, attention_mask=mask, rope_positions=rope)
+        plain = models[False](noisy, logit_positions=masked)
+        out["full_block"] = (block - plain, int(masked.sum()))
+    shutdown_distributed()
+    return out
+
+
+def test_block_diffusion_reduces_to_next_token_prediction_and_to_plain_diffusion():
+    """Block size 1 with the logit shift: the noisy copy is the clean sequence, each
+    position sees itself and the clean tokens before it, and its logits are the causal
+    model's (same weights) to 1e-6, so the loss is the autoregressive loss. Block size L:
+    the noisy copy's logits are the plain denoiser's on x_t. A causal clean copy (the
+    hybrid loss) gives the causal model's logits to 1e-6."""
+    result = spawn(_block_diffusion_logits, 1)[0]
+    delta, _targets, inputs, x = result["shift_block1"]
+    assert torch.equal(inputs, torch.cat([x, x], dim=1))  # nothing left masked in the noisy copy
+    assert delta.abs().max().item() < 1e-6
+    full_delta, scored = result["full_block"]
+    print(f"block 1 + shift vs causal {delta.abs().max():.2e}; block L vs plain {full_delta.abs().max():.2e}")
+    assert scored > 0 and full_delta.abs().max().item() < 1e-5
+    assert result["causal_clean_copy"].abs().max().item() < 1e-6

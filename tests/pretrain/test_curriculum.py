@@ -9,9 +9,18 @@ import math
 import pytest
 import torch
 
+from parallel.topology import ConfigError
 from pretrain.config import CONF_DIR, load_config
 from pretrain.curriculum import Schedule, check, curriculum_at, progress, step_length, value_at
-from pretrain.objective import diffusion_loss, mask_embedding_noise, mask_tokens, sample_t, shift_maskable
+from pretrain.objective import (
+    block_diffusion_inputs,
+    block_t,
+    diffusion_loss,
+    mask_embedding_noise,
+    mask_tokens,
+    sample_t,
+    shift_maskable,
+)
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "curriculum").glob("*.yaml"))
 
@@ -200,6 +209,86 @@ def test_mask_embedding_noise_is_per_sample_and_only_on_masked_positions():
     assert not torch.equal(other, noise)
 
 
+# -- block diffusion ------------------------------------------------------------------------------
+def test_llada2_wsd_block_sizes_over_training():
+    """Warmup 1 -> 4 -> 32 -> 64 -> full, stable full, decay 4096 -> ... -> 32, as used on
+    sequences of 128 tokens (blocks of 128 and more are full-sequence steps)."""
+    cfg = load_config(["curriculum=llada2_wsd", "data.seq_len=64", "model.max_seq_len=128"]).curriculum
+    sizes = {
+        round(fraction, 3): curriculum_at(
+            cfg, step=int(fraction * 1000) + 1, total_steps=1000, seed=0, seq_len=128
+        ).block_size
+        for fraction in (0.0, 0.01, 0.02, 0.05, 0.07, 0.5, 0.81, 0.91, 0.94, 0.96, 0.99)
+    }
+    assert sizes == {
+        0.0: 1,
+        0.01: 1,
+        0.02: 4,
+        0.05: 32,
+        0.07: 64,
+        0.5: 128,
+        0.81: 128,
+        0.91: 128,
+        0.94: 128,
+        0.96: 64,
+        0.99: 32,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["curriculum.block_size.values=[4.5]"], "curriculum.block_size"),
+        (["curriculum.block_size={values:[1,8],at:[0,0.5],interp:linear}"], "curriculum.block_size"),
+        (
+            ["curriculum.block_size.values=[4]", "curriculum.bidirectional_ratio.values=[0.5]"],
+            "bidirectional_ratio",
+        ),
+        (["curriculum.block_size.values=[4]", "objective.t_sampling=stratified"], "objective.t_sampling"),
+        (["curriculum.block_size.values=[4]", "model.attention=causal"], "model.attention"),
+    ],
+)
+def test_bad_block_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides)
+
+
+def test_block_t_one_level_per_block():
+    index = torch.arange(30, 36)
+    t = block_t(index, seed=4, block_size=4, length=10, t_min=0.2, t_max=0.9)
+    assert t.shape == (6, 10) and float(t.min()) >= 0.2 and float(t.max()) < 0.9
+    blocks = [t[:, 0:4], t[:, 4:8], t[:, 8:10]]  # the last block is short
+    assert all(bool((b == b[:, :1]).all()) for b in blocks)
+    firsts = torch.stack([b[:, 0] for b in blocks], dim=1)
+    assert len(set(firsts.flatten().tolist())) == firsts.numel()  # every block draws its own
+    assert torch.equal(block_t(index[3:], seed=4, block_size=4, length=10, t_min=0.2, t_max=0.9), t[3:])
+    pairs = block_t(index, seed=4, block_size=4, length=10, t_min=0.2, t_max=0.9, complementary=True)
+    assert torch.allclose(pairs[0::2] + pairs[1::2], torch.ones(3, 10))
+
+
+def test_block_t_masks_each_block_at_its_own_rate():
+    """Tokens of a block are masked at the block's t (measured over many samples)."""
+    n, length, size = 4000, 8, 4
+    index = torch.arange(n)
+    t = block_t(index, seed=1, block_size=size, length=length)
+    _, masked = mask_tokens(torch.zeros(n, length, dtype=torch.long), t, index, seed=1, mask_id=7)
+    low = t[:, 0] < 0.5  # first block's level
+    rate_low, rate_high = masked[low, :size].float().mean(), masked[~low, :size].float().mean()
+    assert rate_low < 0.3 < 0.7 < rate_high  # E[t | t < 0.5] = 0.25, E[t | t >= 0.5] = 0.75
+
+
+def test_block_diffusion_inputs_put_the_noisy_copy_first():
+    tokens = torch.arange(10, 18).reshape(1, 8)
+    noisy = torch.full_like(tokens, 99)  # every token masked
+    plain = block_diffusion_inputs(noisy, tokens, block_size=4, shift=False)
+    assert torch.equal(plain, torch.cat([noisy, tokens], dim=1))
+    shifted = block_diffusion_inputs(noisy, tokens, block_size=4, shift=True)
+    # under a shift, block k is predicted from positions 4k-1 .. 4k+2: position 3 (and 7)
+    # opens a block's window and holds its clean token
+    assert shifted[0, :8].tolist() == [99, 99, 99, 13, 99, 99, 99, 17]
+    assert torch.equal(shifted[:, 8:], tokens)
+
+
 # -- every preset trains -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
@@ -210,6 +299,7 @@ def test_every_preset_trains_the_loss_down(preset, tmp_path):
     from tests.dist import QUIET, launch, read_metrics
 
     steps = 200
+    needs = {"ar_to_dlm_hybrid": ["model.logit_shift=true", "curriculum.block_size.values=[16]"]}
     launch(
         1,
         [
@@ -222,6 +312,7 @@ def test_every_preset_trains_the_loss_down(preset, tmp_path):
             "optim.lr=3e-3",
             "optim.warmup_steps=10",
             f"run.dir={tmp_path / 'run'}",
+            *needs.get(preset, []),
             *QUIET,
         ],
     )

@@ -257,6 +257,51 @@ def test_exact_resume(root, reference):
         assert torch.equal(a[name], b[name]), name
 
 
+BLOCK_DIFFUSION = [
+    *(
+        o
+        for o in CONFIG
+        if not o.startswith(("curriculum.bidirectional", "curriculum.random", "objective.t_s", "objective.n"))
+    ),
+    "curriculum.block_size.values=[1,4,8,0]",  # blocks of 1, 1, 4, 8 tokens, then the full sequence
+    "curriculum.block_size.at=[0,0.3,0.5,0.6]",
+    "curriculum.ar_weight.values=[0.0,1.0]",  # the hybrid loss from step 3: causal clean copy
+    "curriculum.ar_weight.at=[0,0.3]",
+    "curriculum.dlm_weight.values=[0.3]",
+    "model.attention=document",
+    "model.logit_shift=true",
+]
+
+
+def test_block_diffusion_schedule_under_tp2_and_pp2_equals_one_process(root, seed_checkpoint):
+    """A block-size schedule over [x_t, x0] (2L tokens through the pipeline, block masks
+    intersected with documents on every stage, rotary positions repeated, logit shift,
+    complementary pairs, embedding noise) gives the single process's losses at TP=2 and
+    PP=2, and switches to full-sequence steps when the schedule says so; from step 3 the
+    hybrid loss adds the causal clean copy's next-token loss (still two copies when the
+    blocks span the sequence)."""
+    runs = {}
+    for name, nproc, extra in (("one", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
+        runs[name] = root / f"blocks_{name}"
+        launch(
+            nproc,
+            [*BLOCK_DIFFUSION, *extra, f"run.dir={runs[name]}", f"checkpoint.init_from={seed_checkpoint}"],
+        )
+    one = read_metrics(runs["one"])
+    assert [r["curriculum/block_size"] for r in one] == [1, 1, 4, 8, 64, 64]
+    assert all(math.isfinite(r["loss"]) for r in one)
+    assert ["ar_loss" in r for r in one] == [False, False, True, True, True, True]
+    for name in ("tp2", "pp2"):
+        ar_losses = [
+            (r["ar_loss"], w["ar_loss"])
+            for r, w in zip(read_metrics(runs[name]), one, strict=True)
+            if "ar_loss" in w
+        ]
+        assert len(ar_losses) == 4 and all(math.isclose(a, b, rel_tol=RTOL) for a, b in ar_losses), ar_losses
+    for name in ("tp2", "pp2"):
+        _assert_same_steps(read_metrics(runs[name]), one, f"block diffusion {name}")
+
+
 def test_dlm_eval_is_exact_twice_and_the_same_at_tp2_and_pp2(root, reference):
     """`dlm eval` of one checkpoint: the NLL bound, its standard error and the held-out
     training loss are bit-identical on a second evaluation and equal at TP=2 and PP=2."""

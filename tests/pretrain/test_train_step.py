@@ -29,7 +29,15 @@ class StandInDenoiser:
         table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0))
         self.table = table.to(device).requires_grad_()
 
-    def __call__(self, input_ids, logit_positions=None, segments=None, attention_mask=None, input_noise=None):
+    def __call__(
+        self,
+        input_ids,
+        logit_positions=None,
+        segments=None,
+        attention_mask=None,
+        input_noise=None,
+        rope_positions=None,
+    ):
         logits = self.table[input_ids]
         if segments is not None:  # something that depends on the segments, on their device
             logits = logits + (segments == segments[:, :1]).unsqueeze(-1).to(logits.dtype)
@@ -37,6 +45,8 @@ class StandInDenoiser:
             logits = logits + attention_mask[:, 0].sum(-1, keepdim=True).to(logits.dtype)
         if input_noise is not None:
             logits = logits + input_noise.sum(-1, keepdim=True).to(logits.dtype)
+        if rope_positions is not None:
+            logits = logits + rope_positions[None, :, None].to(logits.dtype)
         if logit_positions is not None:
             return logits[logit_positions].unsqueeze(1)
         return logits.transpose(0, 1)
@@ -78,10 +88,10 @@ def _samples(index: torch.Tensor) -> dict:
     return {"tokens": tokens, "segments": (torch.arange(SEQ) >= SEQ // 3).long().expand(len(index), SEQ)}
 
 
-def _step(overrides: list[str], device) -> dict:
+def _step(overrides: list[str], device, model=None) -> dict:
     """One global batch through forward_step and loss_fn, summed as run_schedule does."""
     run = _run(overrides, device)
-    model, reports, grads = StandInDenoiser(device), [], []
+    model, reports, grads = model or StandInDenoiser(device), [], []
     plan = step_plan(run.cfg, 1)
     for batch in microbatches(run, 0, _samples, plan):
         output, loss = forward_step(run, 3, plan, batch, model)
@@ -101,6 +111,8 @@ OPTIONS = [
     ["curriculum=dfactory_band", "model.attention=document"],  # complementary pairs, t band
     ["curriculum.random_length_prob.values=[1.0]", "model.logit_shift=true"],  # a cut batch
     ["curriculum.bidirectional_ratio.values=[0.3]", "model.attention=document"],  # annealed mask
+    ["curriculum.block_size.values=[4]", "model.attention=document", "model.logit_shift=true"],  # [x_t, x0]
+    ["curriculum=llada2_wsd", "objective.logits=all"],  # block size 1 at step 1, every position scored
 ]
 
 
@@ -171,3 +183,36 @@ def test_microbatches_are_read_only_by_the_reading_rank():
         batches = microbatches(run, 0, samples, step_plan(run.cfg, 1))
         assert [sorted(b) for b in batches] == [sorted(["index", *keys])] * 2
         assert read == [] and run.engine.calls == [(False, keys, (MBS, SEQ))] * 2
+
+
+def test_hybrid_loss_weights_the_clean_copys_next_token_loss():
+    """ar_weight 1, dlm_weight 0: the loss is exactly the mean next-token cross entropy of
+    the clean copy (here the stand-in's logits of each token); dlm_weight 0.3 on top adds
+    0.3 x the diffusion loss of the same step."""
+    hybrid = [
+        "model.logit_shift=true",
+        "curriculum.block_size.values=[4]",
+        "curriculum.ar_weight.values=[1.0]",
+    ]
+    model = TableOnly(torch.device("cpu"))
+    ar_only = _step([*hybrid, "curriculum.dlm_weight.values=[0.0]"], torch.device("cpu"), model)["total"]
+    tokens = torch.cat(
+        [_samples(torch.arange(0, MBS))["tokens"], _samples(torch.arange(MBS, 2 * MBS))["tokens"]]
+    )
+    logits = model.table[tokens[:, :-1]].reshape(-1, VOCAB)  # the stand-in ignores attention
+    expected = F.cross_entropy(logits, tokens[:, 1:].reshape(-1)).item()
+    assert float(ar_only[0] / ar_only[1]) == pytest.approx(expected, rel=1e-6)
+    assert float(ar_only[4] / ar_only[5]) == pytest.approx(expected, rel=1e-6)
+    both = _step([*hybrid, "curriculum.dlm_weight.values=[0.3]"], torch.device("cpu"), model)["total"]
+    dlm_only = _step([*hybrid, "curriculum.ar_weight.values=[0.0]"], torch.device("cpu"), model)["total"]
+    assert float(both[0] / both[1]) == pytest.approx(
+        expected + 0.3 * float(dlm_only[0] / dlm_only[1]), rel=1e-6
+    )
+
+
+class TableOnly(StandInDenoiser):
+    """Logits of each input token alone (no attention, positions or noise)."""
+
+    def __call__(self, input_ids, logit_positions=None, **_):
+        logits = self.table[input_ids]
+        return logits[logit_positions].unsqueeze(1) if logit_positions is not None else logits.transpose(0, 1)
