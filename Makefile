@@ -62,6 +62,7 @@ bench: install
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/loader_throughput.py
 	$(PY) bench/convert_throughput.py
+	$(PY) bench/curriculum_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
