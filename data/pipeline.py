@@ -95,6 +95,18 @@ def token_byte_lengths(cfg) -> torch.Tensor | None:
     return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
 
 
+def decoder(cfg):
+    """ids -> text with the data's tokenizer, or None where it cannot be loaded."""
+    if cfg.source in ("stdlib", "text"):
+        return ByteTokenizer().decode
+    from pathlib import Path
+
+    from data.tokenizer import load_tokenizer
+
+    path = cfg.tokenizer or load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
+    return load_tokenizer(path).decode if Path(path).exists() else None
+
+
 def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp_size: int) -> None:
     """Fail before any process starts when the shard stream cannot be laid out for this
     many data-parallel ranks and workers (reads manifests only, starts no worker)."""

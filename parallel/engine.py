@@ -5,8 +5,9 @@ megatron DDP (gradient buffers, data-parallel reduction) + DistributedOptimizer
 optim.no_decay + OptimizerParamScheduler (LR and weight decay per group) + the pipeline
 schedules of `get_forward_backward_func`. pretrain/ drives it through these calls:
 `forward_backward`, `optimizer_step`, `broadcast_batch` (one data read per
-tensor-parallel group), `global_sum` and the vocab-parallel loss helpers
-`cross_entropy` / `correct`.
+tensor-parallel group), `global_sum`, the vocab-parallel loss helpers
+`cross_entropy` / `correct`, and `forward_logits` (full logits on every rank, for the
+sampler on the live model).
 """
 
 from __future__ import annotations
@@ -190,6 +191,47 @@ class Engine:
             group=parallel_state.get_tensor_model_parallel_group(),
         )
         return dict(zip(keys, packed.unbind(0), strict=True))
+
+    # -- sampling on the live model ----------------------------------------------------------
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Logits [b, s, vocab_size] of `tokens` [b, s] (the same on every rank of the
+        model-parallel group), identical on every rank: one forward-only pass through the
+        pipeline schedule, the tensor-parallel vocabulary shards gathered on the last
+        stage, the result broadcast from it to the other stages."""
+        batch, length = tokens.shape
+
+        def step(data, model):
+            output = model(data if self.topo.is_first_stage else None)
+            return output, lambda out: (
+                out.sum() * 0,
+                torch.ones((), dtype=torch.int64, device=out.device),
+                {"logits": tensor_parallel.gather_from_tensor_model_parallel_region(out)},
+            )
+
+        reports = self.forward_backward(
+            step, [tokens], num_microbatches=1, seq_len=length, micro_batch_size=batch, forward_only=True
+        )
+        padded = self.module.vocab_size
+        logits = reports[0]["logits"].transpose(0, 1).float().contiguous() if reports else None
+        if logits is None:
+            logits = torch.empty((batch, length, padded), dtype=torch.float32, device=self.topo.device)
+        if self.topo.pp > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            torch.distributed.broadcast(
+                logits, src=last, group=parallel_state.get_pipeline_model_parallel_group()
+            )
+        return logits[..., :vocab_size]
+
+    def broadcast_tokens(self, tokens: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """An integer tensor of `shape` from global rank 0 (`tokens`; None elsewhere) on
+        every rank's device, e.g. the prompts that every rank samples from."""
+        if self.topo.rank == 0:
+            out = tokens.to(self.topo.device, torch.int64)
+        else:
+            out = torch.empty(shape, dtype=torch.int64, device=self.topo.device)
+        torch.distributed.broadcast(out, src=0)
+        return out
 
     # -- metrics ---------------------------------------------------------------------------
     def global_sum(self, values: torch.Tensor) -> torch.Tensor:

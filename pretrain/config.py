@@ -115,6 +115,9 @@ class EvalConfig:
     draws: int = 4  # Monte Carlo draws per sample (masks per sample and evaluation)
     method: str = "stratified"  # stratified mask counts (LLaDA) | uniform | antithetic_t
     batches: int | None = None  # global batches of held-out samples; None: train.eval_batches
+    samples: int = 2  # texts generated per evaluation by the live model (LLaDA's sampler); 0: none
+    sample_prompt: int = 16  # tokens of a held-out sample that prompt each one
+    sample_length: int = 32  # tokens generated (as many denoising steps, blocks of up to 32)
 
 
 @dataclass
@@ -348,6 +351,16 @@ def validate(cfg: Config) -> None:
             f"train.eval_every={t.eval_every} needs held-out data: data.eval_fraction is "
             f"{cfg.data.eval_fraction}"
         )
+    ev = cfg.eval
+    if ev.samples < 0 or ev.sample_prompt < 1 or ev.sample_length < 1:
+        raise ConfigError("eval.samples must be >= 0, eval.sample_prompt and eval.sample_length >= 1")
+    if ev.samples and ev.sample_prompt + ev.sample_length > m.max_seq_len:
+        raise ConfigError(
+            f"eval.sample_prompt={ev.sample_prompt} + eval.sample_length={ev.sample_length} exceeds "
+            f"model.max_seq_len={m.max_seq_len}"
+        )
+    if ev.samples and ev.sample_prompt > cfg.data.seq_len:
+        raise ConfigError(f"eval.sample_prompt={ev.sample_prompt} exceeds data.seq_len={cfg.data.seq_len}")
     problems = check_curriculum(cfg.curriculum)
     if problems:
         raise ConfigError("; ".join(problems))

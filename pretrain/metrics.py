@@ -125,6 +125,20 @@ class MetricsLogger:
         else:
             self.write(format_record(record))
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Texts generated at an evaluation: one metrics.jsonl record {step, samples:
+        [{prompt, completion}]}, console lines, and a wandb table."""
+        self.file.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        self.file.flush()
+        for number, sample in enumerate(samples, 1):
+            self.write(f"  sample {number}: {sample['prompt']!r} -> {sample['completion']!r}")
+        if self.wandb is not None:
+            import wandb
+
+            rows = [[step, s["prompt"], s["completion"]] for s in samples]
+            table = wandb.Table(columns=["step", "prompt", "completion"], data=rows)
+            self.wandb.log({"samples": table}, step=step)
+
     def write(self, line: str) -> None:
         self.bar.write(line, file=sys.stdout)
 

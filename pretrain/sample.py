@@ -126,6 +126,20 @@ def denoiser_logits(model, x: torch.Tensor, *, logit_shift: bool = False) -> tor
     return logits
 
 
+class LiveDenoiser:
+    """A model being trained as this sampler's denoiser: `forward_logits(ids [b, s]) ->
+    [b, s, V]` full-vocabulary logits (the engine's, under any TP/PP layout, the same on
+    every rank, so that every rank takes the same sampling steps)."""
+
+    def __init__(self, forward_logits, device: torch.device):
+        self.forward_logits = forward_logits
+        self.device, self.dtype = torch.device(device), torch.float32
+        self.config = type("LiveConfig", (), {"_attn_implementation": None})()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask=None, use_cache: bool = False):
+        return type("Output", (), {"logits": self.forward_logits(input_ids)})()
+
+
 def _dlm_config(model) -> dict:
     dlm = getattr(getattr(model, "config", None), "dlm", None)
     return dlm if isinstance(dlm, dict) else {}

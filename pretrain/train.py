@@ -39,6 +39,7 @@ from pretrain.objective import (
     sample_t,
     shift_maskable,
 )
+from pretrain.sample import LiveDenoiser, generate_ids
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
 
@@ -291,6 +292,39 @@ def step_plan(cfg: Config, step: int) -> StepCurriculum:
         seq_len=cfg.data.seq_len,
         min_length=2 if cfg.model.logit_shift else 1,  # position 0 is never masked under a shift
     )
+
+
+def eval_samples(run: Run) -> list[dict]:
+    """eval.samples texts from the live model (LLaDA's sampler, pretrain/sample.py), each
+    prompted by the start of a held-out sample; every rank takes part (the model's
+    forward passes are collective) and gets the same ids; rank 0 decodes them."""
+    ev, vocab = run.cfg.eval, run.derived.vocab_size
+    read = None
+    if run.topo.rank == 0:  # the first stage's reading rank
+        read = run.data.eval(torch.arange(ev.samples))["tokens"][:, : ev.sample_prompt]
+    prompts = run.engine.broadcast_tokens(read, (ev.samples, ev.sample_prompt))
+    model = LiveDenoiser(partial(run.engine.forward_logits, vocab_size=vocab), run.topo.device)
+    run.engine.train(False)
+    ids = generate_ids(
+        model,
+        prompts,
+        gen_length=ev.sample_length,
+        steps=ev.sample_length,
+        block_length=sample_block_length(ev.sample_length),
+        mask_token_id=run.derived.mask_id,
+        logit_shift=run.cfg.model.logit_shift,
+        vocab_size=vocab,
+    ).cpu()
+    decode = pipeline.decoder(run.cfg.data) if run.is_logging_rank else None
+    text = decode or (lambda row: " ".join(map(str, row)))
+    split = ev.sample_prompt
+    return [{"prompt": text(row[:split].tolist()), "completion": text(row[split:].tolist())} for row in ids]
+
+
+def sample_block_length(length: int) -> int:
+    """LLaDA's semi-autoregressive blocks: 32 tokens, or the largest divisor of `length`
+    up to 32."""
+    return max(size for size in range(1, min(32, length) + 1) if length % size == 0)
 
 
 def evaluate(run: Run) -> dict:
@@ -580,8 +614,11 @@ def step_and_log(run: Run) -> dict | None:
         run.logger.log(metrics)
     if run.cfg.train.eval_every and run.step % run.cfg.train.eval_every == 0:
         eval_metrics = evaluate(run)
+        samples = eval_samples(run) if run.cfg.eval.samples else []
         if run.logger:
             run.logger.log(eval_metrics)
+            if samples:
+                run.logger.log_samples(run.step, samples)
     every = run.cfg.checkpoint.every
     if (every and run.step % every == 0) or run.step == run.cfg.train.steps:
         path = save(run)

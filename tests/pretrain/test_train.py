@@ -302,6 +302,45 @@ def test_block_diffusion_schedule_under_tp2_and_pp2_equals_one_process(root, see
         _assert_same_steps(read_metrics(runs[name]), one, f"block diffusion {name}")
 
 
+def _live_sample(checkpoint: str, run_dir: str, layout: list[str]) -> dict:
+    """Load `checkpoint` under `layout`; the engine's full logits of fixed tokens and the
+    sampler's ids on the live model, on this rank."""
+    from parallel import load_checkpoint, shutdown_distributed
+    from pretrain.config import load_config
+    from pretrain.train import eval_samples, setup
+
+    run = setup(
+        load_config([*CONFIG, *layout, "eval.samples=2", "eval.sample_length=8", f"run.dir={run_dir}"])
+    )
+    load_checkpoint(Path(checkpoint), run.engine, load_optimizer=False)
+    run.engine.train(False)
+    tokens = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(5)).to(run.topo.device)
+    logits = run.engine.forward_logits(tokens, vocab_size=run.derived.vocab_size).cpu()
+    samples = eval_samples(run)
+    if run.logger:
+        run.logger.close()
+    run.data.close()
+    shutdown_distributed()
+    return {"logits": logits, "samples": samples}
+
+
+def test_sampling_on_the_live_model_under_tp2_and_pp2(root, reference):
+    """engine.forward_logits (what the in-loop sampler runs on): every rank of a TP=2 and a
+    PP=2 layout holds the same full-vocabulary logits, equal to one process's to fp32
+    tolerance, so every rank takes the same sampling steps; the samples are text of the
+    requested length."""
+    checkpoint = str(reference / "checkpoints" / f"step_{STEPS}")
+    one = spawn(_live_sample, 1, checkpoint, str(root / "live_one"), [], timeout=600)[0]
+    assert len(one["samples"]) == 2 and all(
+        s["prompt"] and isinstance(s["completion"], str) for s in one["samples"]
+    )
+    for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
+        ranks = spawn(_live_sample, 2, checkpoint, str(root / f"live_{name}"), layout, timeout=600)
+        assert torch.equal(ranks[0]["logits"], ranks[1]["logits"]), name
+        assert ranks[0]["logits"].shape == one["logits"].shape
+        torch.testing.assert_close(ranks[0]["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_dlm_eval_is_exact_twice_and_the_same_at_tp2_and_pp2(root, reference):
     """`dlm eval` of one checkpoint: the NLL bound, its standard error and the held-out
     training loss are bit-identical on a second evaluation and equal at TP=2 and PP=2."""
