@@ -301,7 +301,7 @@ def eval_samples(run: Run) -> list[dict]:
     ev, vocab = run.cfg.eval, run.derived.vocab_size
     read = None
     if run.topo.rank == 0:  # the first stage's reading rank
-        read = run.data.eval(torch.arange(ev.samples))["tokens"][:, : ev.sample_prompt]
+        read = run.data.eval(torch.arange(ev.samples, device="cpu"))["tokens"][:, : ev.sample_prompt]
     prompts = run.engine.broadcast_tokens(read, (ev.samples, ev.sample_prompt))
     model = LiveDenoiser(partial(run.engine.forward_logits, vocab_size=vocab), run.topo.device)
     run.engine.train(False)
