@@ -85,12 +85,17 @@ class MetricsLogger:
         self.wandb = self._init_wandb(Path(run_dir), wandb_setting, project, config)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be redone)."""
+        """On resume, drop lines of steps after the checkpoint (they will be redone), and
+        lines that are not JSON records (a line half-written when the run was killed),
+        saying how many."""
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        records = [(line, _record(line)) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line, record in records if record is not None and record.get("step", 0) <= step]
+        broken = sum(record is None for _, record in records)
+        if broken:
+            print(f"{self.path}: dropped {broken} unreadable line(s) (a crash mid-write)", file=sys.stderr)
+        self.path.write_text("".join(line + "\n" for line in keep))
 
     @staticmethod
     def _init_wandb(run_dir: Path, setting: str, project: str, config: dict):
@@ -147,6 +152,15 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def format_record(r: dict) -> str:
