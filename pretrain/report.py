@@ -17,9 +17,9 @@ lines (a crash mid-write) are skipped with a warning naming file and line.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import sys
 from bisect import bisect_left
 from collections.abc import Callable
@@ -31,6 +31,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+
+from data.files import write_atomic  # noqa: E402
 
 CURRICULUM_PREFIX = "curriculum/"
 EVAL_PREFIX = "eval_"
@@ -356,19 +358,8 @@ def draw_panel(panel: Panel, colors: dict[str, str]) -> Figure:
     return fig
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """`write(temp_name)` next to `path`, then rename over it: readers never see half a file."""
-    temp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda temp: Path(temp).write_text(text))
+    write_atomic(path, text)
 
 
 def write_panels(panels: list[Panel], runs: list[Run], out: Path) -> None:
@@ -379,7 +370,9 @@ def write_panels(panels: list[Panel], runs: list[Run], out: Path) -> None:
             (out / panel.filename).unlink(missing_ok=True)
             continue
         fig = draw_panel(panel, colors)
-        write_atomically(out / panel.filename, lambda temp, fig=fig: fig.savefig(temp, format="png", dpi=100))
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        write_atomic(out / panel.filename, png.getvalue())
 
 
 # -- summary -------------------------------------------------------------------------------
