@@ -15,38 +15,38 @@ MODEL_TYPES = ("bpe", "unigram")
 class TokenizerConfig:
     input: list[str] = field(default_factory=list)  # files, dirs, globs, 'stdlib', 'manpages'
     output: str = MISSING  # directory; writes <output>/<name>.model and the HF tokenizer files
-    name: str = "tokenizer"
-    vocab_size: int = 8000
+    name: str = "tokenizer"  # file stem: <output>/<name>.model, <name>.report.json
+    vocab_size: int = 8000  # vocabulary size, special and spare tokens included
     model_type: str = "bpe"  # bpe | unigram
-    jsonl_field: str = "text"
-    on_error: str = "skip"  # skip | fail
-    max_sentences: int = 1_000_000  # sampling cap (sentencepiece input_sentence_size)
-    max_sentence_length: int = 8192  # bytes; longer lines are cut
+    jsonl_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    on_error: str = "skip"  # on a bad document: skip (counted) | fail
+    max_sentences: int = 1_000_000  # cap on sampled sentences (sentencepiece input_sentence_size)
+    max_sentence_length: int = 8192  # longest sentence in bytes; longer lines are cut
     spare_tokens: int = 8  # reserved <extra_i> ids after pad/bos/eos/mask
-    character_coverage: float = 0.9995
-    seed: int = 0
-    num_threads: int = 2
+    character_coverage: float = 0.9995  # share of characters in the vocabulary; the rarest fall back to bytes
+    seed: int = 0  # sentencepiece's seed: which sentences the max_sentences cap keeps
+    num_threads: int = 2  # sentencepiece training threads
 
 
 @dataclass
 class PrepareConfig:
-    input: list[str] = field(default_factory=list)
+    input: list[str] = field(default_factory=list)  # files, dirs, globs, 'stdlib', 'manpages'
     output: str = MISSING  # directory for *.tar shards and manifest.json
     # a `dlm tokenizer` .model, or a Hugging Face tokenizer.json or a directory holding one
     # (e.g. <import>/tokenizer/ of `dlm import-hf`); special ids from its tokenizer_config.json
     tokenizer: str = MISSING
-    seq_len: int = 2048
-    jsonl_field: str = "text"
-    on_error: str = "skip"  # skip | fail
+    seq_len: int = 2048  # tokens per packed sample (data.seq_len of the runs that read them)
+    jsonl_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    on_error: str = "skip"  # on a bad document: skip (counted) | fail
     workers: int = 2  # tokenizer processes
     chunk_chars: int = 100_000  # documents are cut into pieces this long before encoding
-    samples_per_shard: int = 4096
-    eval_fraction: float = 0.0  # documents held out into eval-*.tar shards
-    seed: int = 0  # which documents are held out
+    samples_per_shard: int = 4096  # samples per .tar shard
+    eval_fraction: float = 0.0  # share of the documents held out into eval-*.tar shards
+    seed: int = 0  # seed of the choice of held-out documents
     progress: bool = True  # a progress bar when stderr is a terminal
 
 
 @dataclass
 class SourceConfig:
     path: str = MISSING  # dataset directory, or a URL template with {name} ('pipe:...')
-    weight: float = 1.0
+    weight: float = 1.0  # sampling weight, relative to the other sources

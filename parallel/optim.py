@@ -29,28 +29,28 @@ WEIGHT_DECAY_SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # preset name, set by the conf/optim/ option
     lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # reached at the end of the decay
+    min_lr: float = 1e-4  # learning rate reached at the end of the decay
     warmup_steps: int = 10  # linear warmup from warmup_init to lr over these steps
-    warmup_init: float = 0.0
-    schedule: str = "cosine"  # after warmup: cosine | linear | wsd | constant | inverse_sqrt
+    warmup_init: float = 0.0  # learning rate at the start of the warmup
+    schedule: str = "cosine"  # LR after warmup: cosine | linear | wsd | constant | inverse_sqrt
     decay_steps: int | None = None  # the step where the decay ends (None: train.steps)
     decay_fraction: float = 0.2  # wsd: the last share of decay_steps spent decaying
-    wsd_decay_style: str = "linear"  # wsd: linear | cosine | exponential | minus_sqrt
+    wsd_decay_style: str = "linear"  # wsd: the decay's shape: linear | cosine | exponential | minus_sqrt
     weight_decay: float = 0.1  # decoupled (AdamW); the final value of a weight-decay schedule
-    weight_decay_schedule: str = "constant"  # constant | linear | cosine, over train.steps
+    weight_decay_schedule: str = "constant"  # weight decay over train.steps: constant | linear | cosine
     weight_decay_start: float | None = None  # linear/cosine: the first value (<= weight_decay)
-    # Parameters that get no weight decay: "1d" for every 1-D parameter, and fnmatch patterns
-    # over parameter names such as decoder.layers.0.self_attention.linear_qkv.bias,
+    # Parameters that get no weight decay: "1d" (every 1-D parameter) and fnmatch patterns.
+    # Patterns match parameter names such as decoder.layers.0.self_attention.linear_qkv.bias,
     # embedding.word_embeddings.weight, output_layer.weight. The default ["1d"] is
     # Megatron-LM's rule (1-D parameters and *.bias: every bias here is 1-D): RMSNorm
     # weights and QKV biases. [] decays everything. A pattern matching nothing is an error.
     no_decay: list[str] = field(default_factory=lambda: [ONE_DIMENSIONAL])
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
+    beta1: float = 0.9  # AdamW's decay rate of the gradient average (first moment)
+    beta2: float = 0.95  # AdamW's decay rate of the squared-gradient average (second moment)
+    eps: float = 1e-8  # AdamW's epsilon, added to the denominator
+    clip_grad: float = 1.0  # clip the global gradient norm to this; 0: no clipping
 
 
 def validate(o: OptimConfig) -> None:

@@ -31,41 +31,43 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_attention_heads: int = 4
-    num_query_groups: int = 2  # grouped-query attention; = num_attention_heads for MHA
-    ffn_hidden_size: int = 176
-    max_seq_len: int = 64
-    vocab_size: int | None = None  # None: the tokenizer's
-    make_vocab_size_divisible_by: int = 128
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    qkv_bias: bool = False  # Qwen2
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    name: str = "tiny"  # preset name, set by the conf/model/ option
+    hidden_size: int = 64  # width of the residual stream (embedding size)
+    num_layers: int = 2  # transformer layers
+    num_attention_heads: int = 4  # query heads per layer; must divide hidden_size
+    num_query_groups: int = 2  # key/value heads (grouped-query attention); = num_attention_heads for MHA
+    ffn_hidden_size: int = 176  # inner width of the SwiGLU MLP
+    max_seq_len: int = 64  # longest sequence the model takes (>= data.seq_len)
+    vocab_size: int | None = None  # vocabulary size (>= the tokenizer's); None: the tokenizer's
+    make_vocab_size_divisible_by: int = 128  # embedding rows: the vocabulary padded to a multiple of this
+    rope_base: float = 10000.0  # RoPE base frequency (theta)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    tie_embeddings: bool = False  # the output layer shares the input embedding matrix
+    init_std: float = 0.02  # std of the normal initialisation of the weights
+    # which tokens attend to which: bidirectional | document | causal.
     # bidirectional: every token of a packed sample attends to every other; document: only
     # to tokens of its own document (segments of `dlm prepare` shards, EOS-delimited for
     # byte sources); causal: only to check an imported AR model against its source.
     attention: str = "bidirectional"
     logit_shift: bool = False  # position i predicts token i+1 (DiffuLLaMA/Dream, AR-initialised)
-    mask_token_id: int | None = None  # None: the tokenizer's mask token; set by `dlm import-hf`
-    spec: str = "auto"  # auto (Transformer Engine if importable) | local | te
-    recompute: str = "none"  # none | selective | full
+    mask_token_id: int | None = None  # id of the MASK token; None: the tokenizer's; set by `dlm import-hf`
+    spec: str = "auto"  # layer implementation: auto (Transformer Engine if importable) | local | te
+    recompute: str = "none"  # activation recomputation (saves memory): none | selective | full
 
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"
+    name: str = "stdlib"  # preset name, set by the conf/data/ option
+    # where the samples come from: stdlib | text | shards.
     # stdlib | text: byte-level tokens of this Python's standard library / of data.paths;
     # shards: `dlm prepare` datasets in data.sources, streamed (data/loader.py).
     source: str = "stdlib"
-    paths: list[str] = field(default_factory=list)
-    seq_len: int = 64
+    paths: list[str] = field(default_factory=list)  # text: files, directories or globs to read
+    seq_len: int = 64  # tokens per sample (<= model.max_seq_len; shards: as prepared)
     max_bytes: int | None = None  # bytes sources: read at most this many bytes
-    eval_fraction: float = 0.01  # bytes sources: held-out windows
-    sources: list[SourceConfig] = field(default_factory=list)  # shards: datasets and weights
+    eval_fraction: float = 0.01  # bytes sources: share of the windows held out for evaluation
+    sources: list[SourceConfig] = field(default_factory=list)  # shards: the datasets to mix, with weights
     # shards: the tokenizer they were made with (a .model, a tokenizer.json or a directory holding one)
     tokenizer: str | None = None
     num_workers: int = 2  # shards: DataLoader workers per rank
@@ -74,37 +76,37 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    dp: int | None = None  # derived: world_size / (tp * pp)
+    tp: int = 1  # tensor-parallel size: ranks each layer is split over
+    pp: int = 1  # pipeline-parallel size: stages the layers are split into
+    dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * pp)
     distributed_optimizer: bool = True  # ZeRO-1: Adam states sharded over dp ranks
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"
-    # Peak dense FLOP/s per device for MFU, in TFLOP/s. None: measured fp32 matmul on
-    # CPU; the bf16 datasheet value on known GPUs.
+    name: str = "local"  # preset name, set by the conf/cluster/ option
+    # Peak dense FLOP/s per device for MFU, in TFLOP/s.
+    # None: measured fp32 matmul on CPU; the bf16 datasheet value on known GPUs.
     peak_tflops: float | None = None
 
 
 @dataclass
 class ObjectiveConfig:
-    t_sampling: str = "uniform"  # uniform (LLaDA) | stratified (MDLM antithetic)
-    weighting: str = "elbo"  # elbo (1/t) | uniform
-    normalization: str = "tokens"  # tokens (B*L, LLaDA) | masked (number of masked tokens)
-    logits: str = "masked"  # masked: output projection at masked positions only | all
+    t_sampling: str = "uniform"  # how t is drawn: uniform (LLaDA) | stratified (MDLM antithetic)
+    weighting: str = "elbo"  # loss weight of a masked token: elbo (1/t) | uniform
+    normalization: str = "tokens"  # loss divided by: tokens (B*L, LLaDA) | masked (number of masked tokens)
+    logits: str = "masked"  # where the output layer runs: masked (masked positions only) | all
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    global_batch_size: int = 8
-    micro_batch_size: int = 4
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    log_every: int = 10
-    eval_every: int = 0  # 0: never
-    eval_batches: int = 2
+    steps: int = 100  # optimizer steps to train for
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward/backward pass on one data-parallel rank
+    precision: str = "auto"  # training precision: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10  # a console line every this many steps (metrics.jsonl gets every step)
+    eval_every: int = 0  # evaluate on held-out data every this many steps; 0: never
+    eval_batches: int = 2  # global batches of held-out samples per evaluation
 
 
 @dataclass
@@ -113,7 +115,7 @@ class EvalConfig:
     (pretrain/likelihood.py), in the loop every train.eval_every steps and by `dlm eval`."""
 
     draws: int = 4  # Monte Carlo draws per sample (masks per sample and evaluation)
-    method: str = "stratified"  # stratified mask counts (LLaDA) | uniform | antithetic_t
+    method: str = "stratified"  # estimator: stratified mask counts (LLaDA) | uniform | antithetic_t
     batches: int | None = None  # global batches of held-out samples; None: train.eval_batches
     samples: int = 2  # texts generated per evaluation by the live model (LLaDA's sampler); 0: none
     sample_prompt: int = 16  # tokens of a held-out sample that prompt each one
@@ -122,39 +124,40 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
+    every: int = 0  # save a checkpoint every this many steps; 0: only at the end
     keep: int = 3  # newest complete checkpoints kept; 0 keeps all
-    init_from: str | None = None  # weights of this checkpoint when run.dir has none
-    resume: bool = True
+    init_from: str | None = None  # start from the weights of this checkpoint when run.dir has none
+    resume: bool = True  # continue from run.dir's latest checkpoint; false: ignore it
 
 
 @dataclass
 class RunConfig:
+    # the run's directory: config.yaml, metrics.jsonl, checkpoints/ (resumed from if present)
     dir: str = "runs/${model.name}-${data.name}"
 
 
 @dataclass
 class LoggingConfig:
     wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
-    project: str = "dlm-pretrain"
-    progress: bool = True
+    project: str = "dlm-pretrain"  # wandb project name
+    progress: bool = True  # a progress bar on stderr (only when it is a terminal)
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # the t band etc. per step
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0  # random seed: weight init, data order, masking noise
+    run: RunConfig = field(default_factory=RunConfig)  # where the run writes its outputs
+    model: ModelConfig = field(default_factory=ModelConfig)  # the denoiser's architecture (conf/model/)
+    data: DataConfig = field(default_factory=DataConfig)  # training data and its loader (conf/data/)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tp x pp x dp layout (conf/parallel/)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its LR schedule (conf/optim/)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the hardware, for MFU (conf/cluster/)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the masked-diffusion loss
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # masking schedules (t band etc.)
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, batch sizes, precision, log/eval cadence
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out likelihood bound and sample texts
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping, starting from
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics: wandb, progress bar
 
 
 def register() -> None:
@@ -190,11 +193,16 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         node = compose(config_name=config_name, overrides=list(overrides or []))
-    if node.model.name == FROM_CHECKPOINT:
-        node.model = checkpoint_model(node, overrides or [])
+    adopt_checkpoint_model(node, overrides or [])
     cfg: Config = OmegaConf.to_object(node)
     validate(cfg)
     return cfg
+
+
+def adopt_checkpoint_model(node, overrides: list[str]) -> None:
+    """Under model=from_checkpoint, replace the composed model section by the checkpoint's."""
+    if node.model.name == FROM_CHECKPOINT:
+        node.model = checkpoint_model(node, overrides)
 
 
 FROM_CHECKPOINT = "from_checkpoint"  # conf/model/from_checkpoint.yaml

@@ -72,36 +72,37 @@ BIDIRECTIONAL = {"use_bidirectional_attention": True, "is_causal": False}
 
 @dataclass
 class ConvertParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size; tp x pp = the number of processes
+    pp: int = 1  # pipeline-parallel size; tp x pp = the number of processes
 
 
 @dataclass
 class ImportHFConfig:
     source: str = MISSING  # HF model directory: config.json + model.safetensors (or sharded + index)
     output: str = MISSING  # directory: checkpoints/step_0, checkpoints/latest, tokenizer/
+    # the conversion's layout (tp x pp processes, no data parallelism)
     parallel: ConvertParallelConfig = field(default_factory=ConvertParallelConfig)
-    mask_token: str = (
-        "auto"  # append (new row = mean row) | auto (tokenizer's mask token, else append) | <id>
-    )
+    # the MASK token: append (new row = mean row) | auto (tokenizer's mask token, else append) | <id>
+    mask_token: str = "auto"
     logit_shift: bool = True  # AR-initialised: position i keeps predicting token i+1 (DiffuLLaMA/Dream)
-    make_vocab_size_divisible_by: int = 128
-    max_seq_len: int | None = None  # None: the source's max_position_embeddings
-    overwrite: bool = False
-    progress: bool = True
-    seed: int = 0
+    make_vocab_size_divisible_by: int = 128  # embedding rows: the vocabulary padded to a multiple of this
+    max_seq_len: int | None = None  # the model's max_seq_len; None: the source's max_position_embeddings
+    overwrite: bool = False  # replace a non-empty output directory
+    progress: bool = True  # a progress bar when stderr is a terminal
+    seed: int = 0  # the seed of the written config.yaml
 
 
 @dataclass
 class ExportHFConfig:
     checkpoint: str = MISSING  # a checkpoint dir, a checkpoints/ dir or a run/import output dir
-    output: str = MISSING
+    output: str = MISSING  # Hugging Face model directory to write
     format: str = "bidirectional"  # bidirectional (Gemma, no remote code) | source (Llama/Mistral/Qwen2)
-    dtype: str = "float32"  # float32 | bfloat16
-    max_shard_size: str = "2GB"
+    dtype: str = "float32"  # dtype of the written weights: float32 | bfloat16
+    max_shard_size: str = "2GB"  # largest safetensors file: e.g. 2GB, 500MB or a number of bytes
+    # the conversion's layout (tp x pp processes, no data parallelism)
     parallel: ConvertParallelConfig = field(default_factory=ConvertParallelConfig)
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = False  # replace a non-empty output directory
+    progress: bool = True  # a progress bar when stderr is a terminal
 
 
 # -- shared ----------------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ _STREAM_LENGTH = 0x1E46
 class Schedule:
     """A value over training: values[i] from progress at[i] on (see the module doc)."""
 
-    values: list[float] = field(default_factory=lambda: [0.0])
-    at: list[float] = field(default_factory=lambda: [0.0])  # fractions of train.steps
-    interp: str = "step"  # step | linear | cosine
+    values: list[float] = field(default_factory=lambda: [0.0])  # the value from each point of `at` on
+    at: list[float] = field(default_factory=lambda: [0.0])  # fractions of train.steps where each value starts
+    interp: str = "step"  # between points: step (hold) | linear | cosine
 
 
 def constant(value: float) -> Schedule:
@@ -66,16 +66,24 @@ def constant(value: float) -> Schedule:
 
 @dataclass
 class CurriculumConfig:
-    name: str = "constant"
+    name: str = "constant"  # preset name, set by the conf/curriculum/ option
+    # lower end of the masking-ratio band: t ~ U[t_min, t_max]
     t_min: Schedule = field(default_factory=lambda: constant(1e-3))
+    # upper end of the masking-ratio band: t ~ U[t_min, t_max]
     t_max: Schedule = field(default_factory=lambda: constant(1.0))
+    # probability that a step's whole batch is cut to a length drawn from U[1, data.seq_len]
     random_length_prob: Schedule = field(default_factory=lambda: constant(0.0))
+    # std of Gaussian noise added to the MASK token's input embedding
     mask_noise_std: Schedule = field(default_factory=lambda: constant(0.0))
+    # probability of each non-causal attention link on top of causal ones (1: bidirectional)
     bidirectional_ratio: Schedule = field(default_factory=lambda: constant(1.0))
-    block_size: Schedule = field(default_factory=lambda: constant(0))  # 0: the full sequence
+    # tokens per block of block diffusion (BD3-LM); 0: the full sequence
+    block_size: Schedule = field(default_factory=lambda: constant(0))
+    # weight of the next-token (AR) loss on the clean copy; 0: none
     ar_weight: Schedule = field(default_factory=lambda: constant(0.0))
+    # weight of the masked-diffusion (DLM) loss
     dlm_weight: Schedule = field(default_factory=lambda: constant(1.0))
-    complementary: bool = False
+    complementary: bool = False  # pair each row with the same sample under the complementary mask
 
     @property
     def uses_ar_loss(self) -> bool:

@@ -371,17 +371,30 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: Any = "
 @dataclass
 class SampleConfig:
     model: str = MISSING  # Hugging Face model directory (`dlm export-hf` output); mandatory
-    prompt: str = ""
+    prompt: str = ""  # the text to continue (or prompt_file)
     prompt_file: str | None = None  # read the prompt from this file instead
-    gen_length: int = 64
-    steps: int = 64
-    block_length: int = 32
-    temperature: float = 0.0
-    remasking: str = "low_confidence"  # low_confidence | random
-    seed: int = 0
+    gen_length: int = 64  # tokens to generate; a multiple of block_length
+    steps: int = 64  # denoising steps in all: <= gen_length, a multiple of the number of blocks
+    block_length: int = 32  # tokens per block; blocks are decoded left to right
+    temperature: float = 0.0  # Gumbel-max sampling temperature; 0: argmax
+    remasking: str = "low_confidence"  # which masked tokens a step unmasks: low_confidence | random
+    seed: int = 0  # seed of the Gumbel noise and of remasking=random
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    mask_token_id: int | None = None  # None: config.json's dlm.mask_token_id
-    logit_shift: bool | None = None  # None: config.json's dlm.logit_shift
+    mask_token_id: int | None = None  # id of the MASK token; None: config.json's dlm.mask_token_id
+    logit_shift: bool | None = None  # position i predicts token i+1; None: config.json's dlm.logit_shift
+
+
+def register_sample_config() -> str:
+    """Store conf/sample.yaml and its schema in Hydra's ConfigStore; return its name there."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from pretrain.config import CONF_DIR
+
+    store = ConfigStore.instance()
+    store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="sample_command", node=OmegaConf.load(CONF_DIR / "sample.yaml"))
+    return "sample_command"
 
 
 def load_sample_config(overrides: list[str] | None = None) -> SampleConfig:
@@ -393,19 +406,14 @@ def load_sample_config(overrides: list[str] | None = None) -> SampleConfig:
     as the other commands are: conf/ has a `model/` config group, so there `model=DIR`
     would be read as a choice of that group instead of this command's `model` key."""
     from hydra import compose, initialize
-    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from parallel.topology import ConfigError
-    from pretrain.config import CONF_DIR
 
-    store = ConfigStore.instance()
-    store.store(name="sample_schema", node=SampleConfig)
-    store.store(name="sample_command", node=OmegaConf.load(CONF_DIR / "sample.yaml"))
     GlobalHydra.instance().clear()
     with initialize(config_path=None, version_base="1.3"):
-        node = compose(config_name="sample_command", overrides=list(overrides or []))
+        node = compose(config_name=register_sample_config(), overrides=list(overrides or []))
     cfg: SampleConfig = OmegaConf.to_object(node)  # MissingMandatoryValue names 'model'
     try:
         check_schedule(cfg.gen_length, cfg.steps, cfg.block_length)
@@ -515,5 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m pretrain.sample: the `dlm sample` application
+    from pretrain.cli import main as dlm
+
+    sys.exit(dlm(["sample", *sys.argv[1:]]))
