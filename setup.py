@@ -13,6 +13,9 @@ setup(
         "megatron-core==0.16.1",  # last release for Python 3.11
         "deepspeed==0.19.8",
         "hydra-core==1.3.8",
+        # `dlm <command> -m` sweeps: parallel local jobs, and submitit (local or Slurm jobs)
+        "hydra-joblib-launcher==1.2.0",
+        "hydra-submitit-launcher==1.2.0",
         "omegaconf>=2.3,<2.4",
         "webdataset==1.0.2",
         "sentencepiece==0.2.3",

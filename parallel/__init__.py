@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import pretrain  # noqa: F401  (refuses `python -m parallel.<module>`: pretrain/__init__.py)
+
 # megatron-core and torch announce at every import that optional GPU kernels (Apex,
 # Transformer Engine) are absent and that some collectives were renamed. Silence exactly
 # those; anything else still shows.

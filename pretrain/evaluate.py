@@ -24,14 +24,13 @@ from omegaconf.errors import OmegaConfBaseException
 import parallel
 from data.files import write_atomic
 from parallel.topology import ConfigError
-from pretrain.config import load_checkpoint_config, resolve_checkpoint
+from pretrain.config import Config, load_checkpoint_config, resolve_checkpoint
 
 
-def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict:
+def evaluate_checkpoint(path: Path, cfg: Config) -> dict:
     """Load the checkpoint's weights into this launch's layout and evaluate them."""
     from pretrain.train import build_data, build_run, evaluate
 
-    cfg = load_checkpoint_config(path, overrides)
     cfg.checkpoint.init_from, cfg.checkpoint.resume = str(path), False
     run, vocab = build_run(cfg)
     state = parallel.load_checkpoint(path, run.engine, load_optimizer=False)
@@ -55,18 +54,21 @@ def summary(result: dict) -> str:
     return line + f"; training loss on them {result['eval_loss']:.4f}"
 
 
+def load_eval_config(argv: list[str]) -> tuple[Path, Config]:
+    """checkpoint=PATH and the overrides -> (the checkpoint directory, its config with the
+    overrides on top, validated)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
+    if not given:
+        raise ConfigError("checkpoint=<checkpoint, checkpoints/ or run directory> is required")
+    path = resolve_checkpoint(Path(given[-1]), "checkpoint")
+    return path, load_checkpoint_config(path, [a for a in argv if not a.startswith("checkpoint=")])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
-    overrides = [a for a in argv if not a.startswith("checkpoint=")]
     try:
-        if not given:
-            raise ConfigError("checkpoint=<checkpoint, checkpoints/ or run directory> is required")
-        path = resolve_checkpoint(Path(given[-1]), "checkpoint")
-        result = evaluate_checkpoint(path, overrides)
+        path, cfg = load_eval_config(argv)
+        result = evaluate_checkpoint(path, cfg)
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         print(f"dlm eval: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -78,5 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun -m pretrain.evaluate: the `dlm eval` application
+    from pretrain.cli import main as dlm
+
+    sys.exit(dlm(["eval", *sys.argv[1:]]))

@@ -551,5 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m pretrain.report: the `dlm report` application
+    from pretrain.cli import main as dlm
+
+    sys.exit(dlm(["report", *sys.argv[1:]]))

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import parallel  # megatron-core is imported on first use of the engine functions
 from data import pipeline
+from data.files import write_atomic
 from data.shards import ShardFormatError
 from parallel.topology import ConfigError
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
@@ -509,8 +510,8 @@ def start_logging(run: Run, peak: str, param_groups: str) -> None:
     """Rank 0: the run directory's config files, the metrics logger and the start lines."""
     cfg, derived = run.cfg, run.derived
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run.run_dir / "derived.json").write_text(json.dumps(derived.as_dict(), indent=2))
+    write_atomic(run.run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run.run_dir / "derived.json", json.dumps(derived.as_dict(), indent=2))
     run.logger = MetricsLogger(
         run.run_dir,
         start_step=run.step,
@@ -672,5 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m pretrain.train: the `dlm train` application
+    from pretrain.cli import main as dlm
+
+    sys.exit(dlm(["train", *sys.argv[1:]]))

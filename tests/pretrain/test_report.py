@@ -221,4 +221,4 @@ def test_runs_with_the_same_name_are_told_apart_by_their_parent(tmp_path):
 def test_cli_dispatches_report(capsys):
     assert cli.main(["report", "--help"]) == 0
     assert "RUN_DIR" in capsys.readouterr().out
-    assert "report" in cli.USAGE
+    assert "report" in cli.usage()
