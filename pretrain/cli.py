@@ -100,12 +100,15 @@ COMMANDS = {
             "pretrain.config:Config",
             None,
             groups=TRAIN_GROUPS,
+            output_key="output",
             examples=(
                 "dlm eval checkpoint=runs/r1 eval.draws=16 eval.batches=8",
                 "dlm eval checkpoint=runs/r1 data=stdlib_shards",
+                "dlm eval -m checkpoint=runs/a,runs/b eval.draws=4,16 output=runs/evals",
             ),
             extra_keys=(
                 ("checkpoint", "required: a checkpoint, its checkpoints/ or its run directory (latest)"),
+                ("output", "also write eval.json into this directory (each job's, in a sweep)"),
                 ("<other keys>", "override the checkpoint's saved config.yaml; defaults below are train's"),
             ),
         ),

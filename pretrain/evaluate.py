@@ -7,7 +7,8 @@
 The config is the one saved with the checkpoint; overrides apply on top (`data=<preset>`
 evaluates on other data). Prints the Monte Carlo upper bound on the per-token NLL with
 its standard error, bits per byte where the tokenizer allows, and the training loss on
-the same held-out samples; writes them to <checkpoint>/eval.json. The noise is fixed:
+the same held-out samples; writes them to <checkpoint>/eval.json (and to
+<output>/eval.json with output=DIR, as each job of a sweep does). The noise is fixed:
 two evaluations of one checkpoint agree exactly, at any TP/PP/DP layout up to float
 reduction order.
 """
@@ -61,7 +62,8 @@ def load_eval_config(argv: list[str]) -> tuple[Path, Config]:
     if not given:
         raise ConfigError("checkpoint=<checkpoint, checkpoints/ or run directory> is required")
     path = resolve_checkpoint(Path(given[-1]), "checkpoint")
-    return path, load_checkpoint_config(path, [a for a in argv if not a.startswith("checkpoint=")])
+    overrides = [a for a in argv if not a.startswith(("checkpoint=", "output="))]
+    return path, load_checkpoint_config(path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         parallel.shutdown_distributed()
     if parallel.LaunchEnv.detect().rank == 0:
-        write_atomic(path / "eval.json", json.dumps(result, indent=2) + "\n")
+        outputs = [path] + [Path(a.split("=", 1)[1]) for a in argv if a.startswith("output=")][-1:]
+        for directory in outputs:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_atomic(directory / "eval.json", json.dumps(result, indent=2) + "\n")
         print(summary(result), flush=True)
     return 0
 

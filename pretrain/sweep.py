@@ -11,7 +11,9 @@ Each job runs the command exactly as `dlm <command> <its overrides>` would (the 
 validation, the same code), with its output (train: run.dir) in <sweep dir>/<job number>.
 The sweep dir is the output given on the command line (run.dir=DIR for train, output=DIR
 for the data and conversion commands), else runs/multirun/<command>-<time>. At the end:
-a summary (run dirs, status, final loss), printed and written to <sweep dir>/sweep.json.
+a summary (run dirs, status, final loss or NLL bound), printed and written to
+<sweep dir>/sweep.json. `dlm eval` sweeps too (checkpoints, eval.* settings): each job's
+eval.json lands in its job directory.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class JobResult:
     overrides: list[str]
     output: str | None
     exit_code: int
-    final_loss: float | None = None
+    final_loss: float | None = None  # train: the last training loss
+    eval_nll: float | None = None  # eval: the NLL bound
     error: str | None = None
 
 
@@ -53,6 +56,8 @@ def multirun(command: Command, overrides: list[str], flags: list[str]) -> int:
             "hydra/launcher=submitit_local (or submitit_slurm) hydra.launcher.tasks_per_node=N"
         )
     sweep_dir, overrides = split_sweep_dir(command, overrides)
+    if command.config is None:  # eval: Hydra composes no config of its own, it expands the sweep
+        overrides = [o if o.startswith(("+", "~")) else f"+{o}" for o in overrides]
     hydra_overrides = [f"hydra.sweep.dir={quote(sweep_dir)}"]
     for group in ("hydra/job_logging", "hydra/hydra_logging"):  # logging as in a single run
         if not any(o.startswith(f"{group}=") for o in overrides):
@@ -97,26 +102,32 @@ def run_job(name: str, flags: list[str], cfg) -> JobResult:
     job's directory. Failures come back as results so that the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
 
-    hydra = HydraConfig.get()
-    command, overrides = COMMANDS[name], list(hydra.overrides.task)
+    hydra, command = HydraConfig.get(), COMMANDS[name]
+    overrides = list(hydra.overrides.task)
+    if command.config is None:
+        overrides = [o.removeprefix("+") for o in overrides]  # added by multirun
     output = hydra.runtime.output_dir if command.output_key else None
-    if output:
-        overrides.append(f"{command.output_key}={quote(output)}")
-    result = JobResult(int(hydra.job.num), list(hydra.overrides.task), output, exit_code=1)
-    if multiprocessing.get_start_method(allow_none=True) == "loky":
-        # A joblib worker: loky makes itself the global start method, and a process that
-        # megatron's checkpoint saving spawns (a multiprocessing Manager) then fails with
-        # "cannot find context for 'loky'". Back to the platform's default.
-        multiprocessing.set_start_method(None, force=True)
-    print(f"sweep job #{result.number}: dlm {name} {' '.join(result.overrides)}", flush=True)
+    result = JobResult(int(hydra.job.num), overrides, output, exit_code=1)
+    if output:  # Hydra's grammar parses the value, except for eval (pretrain/evaluate.py)
+        overrides = [*overrides, f"{command.output_key}={quote(output) if command.config else output}"]
+    print(f"sweep job #{result.number}: dlm {name} {' '.join(overrides)}", flush=True)
+    reset_loky_start_method()
     export_submitit_ranks()
     try:
         result.exit_code = function(command.main)(overrides + flags)
     except Exception as error:  # reported in the summary; the next job still runs
         traceback.print_exc()
         result.error = f"{type(error).__name__}: {error}"
-    result.final_loss = final_loss(output)
+    result.final_loss, result.eval_nll = final_loss(output), eval_nll(output)
     return result
+
+
+def reset_loky_start_method() -> None:
+    """In a joblib worker, loky makes itself the global start method, and a process that
+    megatron's checkpoint saving spawns (a multiprocessing Manager) then fails with
+    "cannot find context for 'loky'": back to the platform's default."""
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method(None, force=True)
 
 
 def export_submitit_ranks() -> None:
@@ -144,19 +155,32 @@ def final_loss(output: str | None) -> float | None:
     return loss
 
 
+def eval_nll(output: str | None) -> float | None:
+    """The NLL bound in <output>/eval.json (`dlm eval output=...`), if there is one."""
+    path = Path(output or "") / "eval.json"
+    if not output or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("eval_nll")
+
+
+def figure(result: JobResult) -> float | None:
+    return result.final_loss if result.final_loss is not None else result.eval_nll
+
+
 def summary(command: Command, sweep_dir: str, results: list[JobResult]) -> str:
     failed = sum(result.exit_code != 0 for result in results)
+    name = "NLL bound" if command.name == "eval" else "final loss"
     lines = [f"sweep: {len(results)} jobs of dlm {command.name} in {sweep_dir}, {failed} failed"]
-    lines.append(f"  {'#':>3}  {'status':<8}  {'final loss':>10}  {'output':<28}  overrides")
+    lines.append(f"  {'#':>3}  {'status':<8}  {name:>10}  {'output':<28}  overrides")
     for result in results:
         status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
-        loss = "" if result.final_loss is None else f"{result.final_loss:.4f}"
+        loss = "" if figure(result) is None else f"{figure(result):.4f}"
         output, overrides = result.output or "-", " ".join(result.overrides)
         lines.append(f"  {result.number:>3}  {status:<8}  {loss:>10}  {output:<28}  {overrides}")
         if result.error:
             lines.append(f"       {result.error}")
-    best = [r for r in results if r.final_loss is not None and r.exit_code == 0]
+    best = [r for r in results if figure(r) is not None and r.exit_code == 0]
     if len(best) > 1:
-        winner = min(best, key=lambda r: r.final_loss)
-        lines.append(f"lowest final loss: #{winner.number} ({' '.join(winner.overrides)})")
+        winner = min(best, key=figure)
+        lines.append(f"lowest {name}: #{winner.number} ({' '.join(winner.overrides)})")
     return "\n".join(lines)

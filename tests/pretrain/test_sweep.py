@@ -48,6 +48,19 @@ def test_basic_launcher_2x2_sweep_has_a_run_dir_per_combination(tmp_path):
     assert "sweep: 4 jobs of dlm train" in proc.stdout and "0 failed" in proc.stdout
     assert (sweep_dir / "multirun.yaml").is_file()  # Hydra's record of the sweep
 
+    # dlm eval sweeps over checkpoints: each job's eval.json in its own directory
+    evals = tmp_path / "evals"
+    checkpoints = f"checkpoint={sweep_dir / '0'},{sweep_dir / '3'}"
+    launch(
+        1,
+        ["eval", "-m", checkpoints, "eval.draws=1", "eval.samples=0", f"output={evals}"],
+        module="pretrain.cli",
+    )
+    for job, run in zip(sweep_json(evals), ("0", "3"), strict=True):
+        result = json.loads((evals / str(job["number"]) / "eval.json").read_text())
+        assert result["checkpoint"] == str(sweep_dir / run / "checkpoints" / "step_3")
+        assert job["eval_nll"] == result["eval_nll"] and result["draws"] == 1
+
 
 @pytest.mark.slow
 def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path):
