@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -326,6 +327,13 @@ class _SlotReader:
         return tokens[a:b], segments[a:b], keys[a:b], stop - start
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step: a worker leaves SIGUSR1/SIGTERM to the
+    trainer, which stops at a step boundary (pretrain/stop.py) and then ends its workers."""
+    for number in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def _as_is(batch):
     return batch
 
@@ -517,7 +525,11 @@ class TrainLoader:
         if self._iter is None:
             dataset = _RankStream(self.layout, self.dp_rank, self.batches, self.start, self.limit)
             self._loader = DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_as_is,
+                worker_init_fn=_ignore_stop_signals,
             )
             self._iter = iter(self._loader)
         tokens, segments, meta = next(self._iter)

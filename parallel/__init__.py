@@ -29,6 +29,7 @@ _EXPORTS = {
     "Topology": "parallel.topology",
     "init_distributed": "parallel.topology",
     "shutdown_distributed": "parallel.topology",
+    "any_rank": "parallel.topology",
     "padded_vocab_size": "parallel.topology",
     "ModelDims": "parallel.dims",
     "build_model": "parallel.model",
@@ -41,6 +42,7 @@ _EXPORTS = {
     "load_checkpoint": "parallel.checkpoint",
     "latest_checkpoint": "parallel.checkpoint",
     "prune_checkpoints": "parallel.checkpoint",
+    "start_writer_helpers": "parallel.checkpoint",
     "save_model_checkpoint": "parallel.checkpoint",
     "load_model_checkpoint": "parallel.checkpoint",
 }

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -161,6 +163,36 @@ def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     if "device" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["device"])
+
+
+def start_writer_helpers(ignored_signals: tuple[int, ...]) -> None:
+    """Start the helper process megatron's checkpoint writer reports through (the
+    multiprocessing Manager that filesystem_async._get_write_results_queue would spawn on
+    first use) ourselves, so that it (1) ignores `ignored_signals`, which Slurm sends to
+    every process of a job step (SIGUSR1 before the time limit, SIGTERM on preemption),
+    and the trainer can still save after them; (2) dies with its rank (PR_SET_PDEATHSIG):
+    a rank killed outright would otherwise leave it orphaned, holding the step's output
+    open, and Slurm would wait for it before ending or requeueing the job."""
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # megatron's context
+    manager.start(initializer=_writer_helper_init, initargs=(ignored_signals,))
+    filesystem_async._results_queue = manager.Queue()  # the queue keeps the manager alive
+
+
+def _writer_helper_init(ignored_signals: tuple[int, ...]) -> None:
+    for number in ignored_signals:
+        signal.signal(number, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: an orphaned helper ends with the job
+        pass
 
 
 def save_checkpoint(

@@ -85,9 +85,7 @@ class Topology:
 
     @property
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device(torch.cuda.current_device())
-        return torch.device("cpu")
+        return current_device()
 
     @property
     def tp_rank(self) -> int:
@@ -168,6 +166,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def current_device() -> torch.device:
+    """The GPU this rank is bound to (select_device), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def select_device(local_rank: int) -> None:
     """Bind this process to GPU `local_rank % visible devices`, as Megatron-LM does: under
     Slurm with --gpus-per-task=1 every process sees one device (index 0) whatever its
@@ -227,6 +232,16 @@ def init_distributed(
     assert parallel_state.get_pipeline_model_parallel_rank() == topo.pp_rank
     assert parallel_state.get_tensor_model_parallel_rank() == topo.tp_rank
     return topo
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (an all-reduce over all ranks; the flag
+    itself without a process group)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=current_device())  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def shutdown_distributed() -> None:

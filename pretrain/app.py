@@ -50,7 +50,7 @@ def hydra_app(command: Command):
 def load_validated(command: Command, overrides: list[str]):
     """The typed config a run of this command would use, every check that needs neither
     a process group nor data passed (ConfigError naming the key otherwise)."""
-    if command.name == "train":
+    if command.name in ("train", "slurm"):
         from pretrain.config import load_config
 
         return load_config(overrides)
@@ -83,7 +83,7 @@ def show_config(command: Command, overrides: list[str], which: str, resolve: boo
 
     with hydra_app(command) as config_name:
         node = compose(config_name=config_name, overrides=overrides, return_hydra_config=which != "job")
-        if command.name == "train":
+        if command.name in ("train", "slurm"):
             from pretrain.config import adopt_checkpoint_model
 
             adopt_checkpoint_model(node, overrides)
@@ -144,7 +144,8 @@ def command_help(command: Command) -> str:
 
 def _usage(command: Command) -> str:
     settings = "key=value | group=option" if command.groups else "key=value"
-    line = f"usage: dlm {command.name} [{settings} ...] [options]"
+    sub = f" {'|'.join(command.subcommands)}" if command.subcommands else ""
+    line = f"usage: dlm {command.name}{sub} [{settings} ...] [options]"
     if command.name in ("train", "eval", "import-hf", "export-hf"):
         module = {"train": "train", "eval": "evaluate"}.get(command.name, "cli " + command.name)
         line += f"\n       torchrun --nproc-per-node N -m pretrain.{module} [same arguments]"

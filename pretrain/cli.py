@@ -25,6 +25,7 @@ class Command:
     flags: tuple[tuple[str, str], ...] = ()  # its own --flags: (flag, description)
     examples: tuple[str, ...] = ()
     extra_keys: tuple[tuple[str, str], ...] = ()  # keys outside the schema: (key, description)
+    subcommands: tuple[str, ...] = ()  # its first argument is one of these (dlm slurm submit)
 
 
 TRAIN_GROUPS = ("model", "data", "parallel", "optim", "curriculum", "cluster", "experiment")
@@ -111,6 +112,20 @@ COMMANDS = {
                 ("output", "also write eval.json into this directory (each job's, in a sweep)"),
                 ("<other keys>", "override the checkpoint's saved config.yaml; defaults below are train's"),
             ),
+        ),
+        Command(
+            "slurm",
+            "submit a training job to Slurm (rendered from cluster.*; preemption-safe)",
+            "pretrain.slurm:main",
+            "pretrain.config:Config",
+            "config",
+            groups=TRAIN_GROUPS,
+            flags=(("--dry-run", "render and print the batch script, do not submit it"),),
+            examples=(
+                "dlm slurm submit cluster=h100 cluster.nodes=2 experiment=llada_8b run.dir=/scratch/llada",
+                "dlm slurm submit --dry-run model=tiny cluster.tasks_per_node=2 run.dir=runs/r1",
+            ),
+            subcommands=("submit",),
         ),
         Command(
             "report",
@@ -244,8 +259,13 @@ def run_command(command: Command, argv: list[str]) -> int:
         return function(command.main)(argv)
     from parallel.topology import ConfigError
 
+    sub = argv[:1] if command.subcommands and argv and argv[0] in command.subcommands else []
     try:
-        flags, overrides = parse_flags(command, argv)
+        if command.subcommands and not sub and not {"-h", "--help"} & set(argv):
+            raise ConfigError(
+                f"dlm {command.name} takes a subcommand first: {', '.join(command.subcommands)}"
+            )
+        flags, overrides = parse_flags(command, argv[len(sub) :])
         if flags.help:
             from pretrain.app import command_help
 
@@ -259,15 +279,16 @@ def run_command(command: Command, argv: list[str]) -> int:
         from pretrain.app import check_command_overrides
 
         check_command_overrides(command, overrides)
-        return dispatch(command, flags, overrides)
+        return dispatch(command, flags, overrides, sub)
     except ConfigError as e:
         return config_error(command, e)
 
 
-def dispatch(command: Command, flags: Flags, overrides: list[str]) -> int:
+def dispatch(command: Command, flags: Flags, overrides: list[str], sub: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from parallel.topology import ConfigError
     from pretrain import app
 
     try:
@@ -278,12 +299,17 @@ def dispatch(command: Command, flags: Flags, overrides: list[str]) -> int:
             app.show_info(command, overrides, flags.info)
             return 0
         if flags.multirun:
+            if sub:
+                raise ConfigError(
+                    f"dlm {command.name} {sub[0]} does not sweep (Slurm sweeps: dlm train -m "
+                    "hydra/launcher=submitit_slurm ...)"
+                )
             from pretrain.sweep import multirun
 
             return multirun(command, overrides, flags.own)
     except (HydraException, OmegaConfBaseException) as e:
         return config_error(command, e)
-    return function(command.main)(overrides + flags.own)
+    return function(command.main)(sub + overrides + flags.own)
 
 
 def config_error(command: Command, error: Exception) -> int:

@@ -121,6 +121,13 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
+def hydra_quote(value: str) -> str:
+    """A value for Hydra's override grammar: quoted unless a plain path."""
+    if all(ch.isalnum() or ch in "/._-~+" for ch in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 # -- groups ----------------------------------------------------------------------------------------
 def group_options(conf_dir: Path, groups: tuple[str, ...]) -> dict[str, list[str]]:
     """{group: its options}, the YAML files of conf/<group>/."""

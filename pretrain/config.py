@@ -88,6 +88,24 @@ class ClusterConfig:
     # Peak dense FLOP/s per device for MFU, in TFLOP/s.
     # None: measured fp32 matmul on CPU; the bf16 datasheet value on known GPUs.
     peak_tflops: float | None = None
+    # -- Slurm (`dlm slurm submit`, slurm/): one process per GPU (per task without GPUs)
+    nodes: int = 1  # nodes of a training job
+    gpus_per_node: int = 0  # GPUs per node; one task (process) each
+    tasks_per_node: int | None = None  # processes per node; None: gpus_per_node (1 without GPUs)
+    cpus_per_task: int = 8  # CPU cores per process (DataLoader workers, OMP threads)
+    mem: str | None = None  # memory per node, e.g. 480G; None: the partition's default
+    partition: str | None = None  # Slurm partition; None: the cluster's default
+    account: str | None = None  # Slurm account to charge
+    qos: str | None = None  # Slurm quality of service
+    time: str = "04:00:00"  # time limit per job (the run requeues itself to go on)
+    constraint: str | None = None  # node features, e.g. h100
+    signal_seconds: int = 300  # USR1 this long before the time limit: stop, checkpoint, requeue
+    max_requeues: int = 50  # requeues per job (time limits, preemptions and crashes), then stop
+    max_failures: int = 1  # crashes (a rank killed, a node lost) requeued per job, then it fails
+    exit_wait_seconds: int = 60  # once a rank has exited, the others are killed after this long
+    env_file: str | None = None  # sourced before launching (NCCL and cluster settings): slurm/env.sh
+    # more #SBATCH lines, e.g. ["--exclusive", "--mail-type=FAIL"]
+    sbatch_extra: list[str] = field(default_factory=list)
 
 
 @dataclass

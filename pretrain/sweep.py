@@ -29,6 +29,7 @@ from pathlib import Path
 
 from parallel.topology import ConfigError, LaunchEnv
 from pretrain.cli import COMMANDS, Command, function
+from pretrain.confdoc import hydra_quote
 
 
 @dataclass
@@ -58,7 +59,7 @@ def multirun(command: Command, overrides: list[str], flags: list[str]) -> int:
     sweep_dir, overrides = split_sweep_dir(command, overrides)
     if command.config is None:  # eval: Hydra composes no config of its own, it expands the sweep
         overrides = [o if o.startswith(("+", "~")) else f"+{o}" for o in overrides]
-    hydra_overrides = [f"hydra.sweep.dir={quote(sweep_dir)}"]
+    hydra_overrides = [f"hydra.sweep.dir={hydra_quote(sweep_dir)}"]
     for group in ("hydra/job_logging", "hydra/hydra_logging"):  # logging as in a single run
         if not any(o.startswith(f"{group}=") for o in overrides):
             hydra_overrides.append(f"{group}=none")
@@ -91,12 +92,6 @@ def split_sweep_dir(command: Command, overrides: list[str]) -> tuple[str, list[s
     return value, [o for o in overrides if o not in given]
 
 
-def quote(value: str) -> str:
-    """A value for Hydra's override grammar, quoted when it holds anything but a plain path."""
-    plain = all(c.isalnum() or c in "/._-~" for c in value)
-    return value if plain else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def run_job(name: str, flags: list[str], cfg) -> JobResult:
     """The task function: run `dlm <name>` with this job's overrides, writing into the
     job's directory. Failures come back as results so that the sweep goes on."""
@@ -109,7 +104,7 @@ def run_job(name: str, flags: list[str], cfg) -> JobResult:
     output = hydra.runtime.output_dir if command.output_key else None
     result = JobResult(int(hydra.job.num), overrides, output, exit_code=1)
     if output:  # Hydra's grammar parses the value, except for eval (pretrain/evaluate.py)
-        overrides = [*overrides, f"{command.output_key}={quote(output) if command.config else output}"]
+        overrides = [*overrides, f"{command.output_key}={hydra_quote(output) if command.config else output}"]
     print(f"sweep job #{result.number}: dlm {name} {' '.join(overrides)}", flush=True)
     reset_loky_start_method()
     export_submitit_ranks()

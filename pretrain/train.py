@@ -41,6 +41,7 @@ from pretrain.objective import (
     shift_maskable,
 )
 from pretrain.sample import LiveDenoiser, generate_ids
+from pretrain.stop import EXIT_REQUEUE, StopSignals
 
 EVAL_SEED_OFFSET = 0x5EED  # eval noise never coincides with training noise
 
@@ -421,16 +422,17 @@ def scored_bytes(run: Run, tokens: torch.Tensor, maskable: torch.Tensor | None) 
 
 
 # -- set-up, checkpoints, loop -------------------------------------------------------------
-def preflight(cfg: Config) -> tuple[pipeline.Vocabulary, Derived, dict]:
+def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Vocabulary, Derived, dict]:
     """Every check that needs no process group and reads no data beyond dataset
-    manifests, so a bad config or layout fails in seconds, naming the key."""
+    manifests, so a bad config or layout fails in seconds, naming the key. world_size:
+    this launch's (None), or a job's to be submitted."""
     try:
         vocab = pipeline.describe(cfg.data)
     except (pipeline.DataConfigError, ShardFormatError) as e:
         raise ConfigError(str(e)) from e
     if cfg.checkpoint.init_from:
         resolve_checkpoint(Path(cfg.checkpoint.init_from))  # exists, names a complete checkpoint
-    world_size = parallel.LaunchEnv.detect().world_size
+    world_size = world_size or parallel.LaunchEnv.detect().world_size
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     try:
         pipeline.check_layout(
@@ -590,15 +592,21 @@ def save(run: Run, *, include_optimizer: bool = True) -> Path:
 
 
 def train(cfg: Config) -> Run:
+    """Train to train.steps, or until a stop signal (pretrain/stop.py): then the run
+    stops after the same step on every rank with a checkpoint of it, short of train.steps."""
     run = setup(cfg)
     t = cfg.train
     try:
         if run.step >= t.steps and run.is_logging_rank:
             run.logger.write(f"dlm train: already at step {run.step} >= train.steps={t.steps}")
         last_eval = None
-        while run.step < t.steps:
-            last_eval = step_and_log(run) or last_eval
-        if run.logger:
+        with StopSignals() as stop:
+            while run.step < t.steps:
+                last_eval = step_and_log(run) or last_eval
+                if run.step < t.steps and stop.agreed():
+                    stop_early(run, stop.received)
+                    break
+        if run.logger and run.step >= t.steps:
             run.logger.write(done_line(run, last_eval))
     finally:
         run.data.close()
@@ -622,10 +630,28 @@ def step_and_log(run: Run) -> dict | None:
                 run.logger.log_samples(run.step, samples)
     every = run.cfg.checkpoint.every
     if (every and run.step % every == 0) or run.step == run.cfg.train.steps:
-        path = save(run)
-        if run.logger:
-            run.logger.write(f"checkpoint: {path}")
+        save_and_log(run)
     return eval_metrics
+
+
+def save_and_log(run: Run) -> Path:
+    path = save(run)
+    if run.logger:
+        run.logger.write(f"checkpoint: {path}")
+    return path
+
+
+def stop_early(run: Run, received: str | None) -> None:
+    """After an agreed stop: a checkpoint of this step (unless one was just saved)."""
+    every = run.cfg.checkpoint.every
+    if not (every and run.step % every == 0):
+        save_and_log(run)
+    if run.logger:
+        why = received or "a stop signal (on another rank)"
+        run.logger.write(
+            f"stopped at step {run.step} of {run.cfg.train.steps} on {why}: run again (or requeue) to resume "
+            f"from the checkpoint; exit code {EXIT_REQUEUE}"
+        )
 
 
 def done_line(run: Run, last_eval: dict | None) -> str:
@@ -666,11 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if seed_only:
             create_seed_checkpoint(cfg)
-        else:
-            train(cfg)
+            return 0
+        run = train(cfg)
     finally:
         parallel.shutdown_distributed()
-    return 0
+    return EXIT_REQUEUE if run.step < cfg.train.steps else 0
 
 
 if __name__ == "__main__":  # python -m pretrain.train: the `dlm train` application

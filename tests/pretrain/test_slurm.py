@@ -1,0 +1,222 @@
+"""`dlm slurm submit` on a real Slurm cluster (tests/slurm_cluster.py): a 2-task job
+trains to completion; preempted twice it resumes every step once and ends with the
+uninterrupted run's weights; a rank killed with SIGKILL ends the job at once and the
+requeue resumes; hostile override values reach the trainer literally."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pretrain.slurm import render
+from tests.dist import QUIET, REPO, read_metrics, spawn
+from tests.slurm_cluster import cluster_or_skip
+
+STEPS = 40
+CONFIG = [
+    "model=tiny",
+    "data.max_bytes=200000",
+    f"train.steps={STEPS}",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.log_every=5",
+    "checkpoint.every=5",
+    "seed=3",
+    "cluster.tasks_per_node=2",
+    "cluster.cpus_per_task=1",
+    "cluster.exit_wait_seconds=10",
+    *QUIET,
+]
+HOSTILE = "$(touch {marker}); `touch {marker}`; x' \" ; rm -rf ~"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = cluster_or_skip(tmp_path_factory.mktemp("slurm"))
+    yield c
+    c.close()
+    assert c.leftovers() == []
+
+
+def submit(cluster, run_dir: Path, *overrides: str) -> int:
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pretrain.cli", "slurm", "submit", *CONFIG, *overrides, f"run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
+
+
+def log(run_dir: Path, job: int) -> str:
+    return (run_dir / "slurm" / f"{job}.log").read_text()
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        rows = [line for line in path.read_text().splitlines() if '"loss"' in line] if path.exists() else []
+        if len(rows) >= step:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{run_dir} did not reach step {step}")
+
+
+def wait_requeued(cluster, job: int, restarts: int, timeout: float = 120) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        info = cluster.job_info(job)
+        if int(info.get("Restarts", 0)) >= restarts and info["JobState"] == "PENDING":
+            return time.monotonic() - start
+        assert info["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED"), info
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job} was not requeued ({cluster.job_info(job)})")
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [row for row in read_metrics(run_dir) if "loss" in row]
+
+
+def _weights(checkpoint: str, run_dir: str) -> dict:
+    from parallel import load_checkpoint, shutdown_distributed
+    from pretrain.config import load_config
+    from pretrain.train import setup
+
+    run = setup(load_config([*CONFIG, f"run.dir={run_dir}"]))
+    load_checkpoint(Path(checkpoint), run.engine, load_optimizer=False)
+    state = run.engine.module.state_dict()
+    weights = {
+        k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+    }
+    run.logger.close()
+    shutdown_distributed()
+    return weights
+
+
+def final_weights(run_dir: Path, scratch: Path) -> dict:
+    return spawn(_weights, 1, str(run_dir / "checkpoints" / f"step_{STEPS}"), str(scratch), timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, tmp_path_factory):
+    """An uninterrupted 2-task job, with a hostile string in a config value."""
+    root = tmp_path_factory.mktemp("straight")
+    marker = root / "pwned"
+    run_dir = root / "run"
+    job = submit(cluster, run_dir, f"logging.project={hydra_single_quoted(HOSTILE.format(marker=marker))}")
+    assert cluster.wait(job, timeout=300) == "COMPLETED", log(run_dir, job)
+    return run_dir, job, marker
+
+
+def hydra_single_quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def test_render_quotes_every_value_for_the_shell(tmp_path):
+    """The rendered script gives the trainer each override exactly as typed (a stub srun
+    prints its arguments), and nothing in them runs."""
+    from pretrain.config import load_config
+
+    marker = tmp_path / "pwned"
+    hostile = f"logging.project={hydra_single_quoted(HOSTILE.format(marker=marker))}"
+    overrides = [*CONFIG, hostile, f"run.dir={tmp_path / 'run'}"]
+    script = render(load_config(overrides), overrides, python="python", workdir=tmp_path)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    srun = '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nprintf "%s\\n" "$@"\n'  # srun's own options
+    (stub / "srun").write_text(srun)
+    (stub / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for tool in ("srun", "scontrol"):
+        (stub / tool).chmod(0o755)
+    env = {
+        "PATH": f"{stub}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+    }
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    args = [line for line in proc.stdout.splitlines() if not line.startswith("dlm: ")]  # launch.sh's own
+    assert args[:3] == ["python", "-m", "pretrain.train"]
+    assert hostile in args and args[-1] == f"run.dir={tmp_path / 'run'}"
+    assert not marker.exists()
+
+
+def test_sbatch_lines_refuse_values_that_would_break_out():
+    from parallel.topology import ConfigError
+    from pretrain.config import load_config
+
+    for bad in ("cluster.partition='gpu\n#SBATCH --uid=0'", "cluster.account='a b'", "cluster.qos='$(id)'"):
+        cfg = load_config([*CONFIG, bad])
+        with pytest.raises(ConfigError, match="cannot go on an #SBATCH line"):
+            render(cfg, [], python="python", workdir=Path("."))
+
+
+@pytest.mark.slow
+def test_submit_trains_a_two_task_job_to_completion(cluster, straight):
+    run_dir, job, marker = straight
+    assert [row["step"] for row in train_rows(run_dir)] == list(range(1, STEPS + 1))
+    derived = yaml.safe_load((run_dir / "derived.json").read_text())
+    assert derived["world_size"] == 2 and derived["dp"] == 2
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["logging"]["project"] == HOSTILE.format(marker=marker)  # literally
+    assert not marker.exists()
+    assert (run_dir / "slurm" / "train.sbatch").is_file() and "dlm: done" in log(run_dir, job)
+
+
+@pytest.mark.slow
+def test_preempted_twice_resumes_every_step_once_and_ends_as_the_straight_run(cluster, straight, tmp_path):
+    reference, _, _ = straight
+    run_dir = tmp_path / "preempted"
+    job = submit(cluster, run_dir)
+    for restarts, step in enumerate((7, 23), start=1):
+        wait_for_step(run_dir, step)
+        cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+        wait_requeued(cluster, job, restarts)  # it starts again after CRED_EXPIRE seconds
+    assert cluster.wait(job, timeout=300) == "COMPLETED", log(run_dir, job)
+    text = log(run_dir, job)
+    assert len(re.findall(r"stopped at step \d+ of 40 on SIGUSR1", text)) == 2, text
+    assert text.count("requeueing") == 2
+    rows, want = train_rows(run_dir), train_rows(reference)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert [(r["loss"], r["grad_norm"]) for r in rows] == [(r["loss"], r["grad_norm"]) for r in want]
+    got, expected = final_weights(run_dir, tmp_path / "w1"), final_weights(reference, tmp_path / "w2")
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def rank_pid(job: int, rank: int) -> int:
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"pretrain.train" in cmdline and {
+            f"SLURM_JOB_ID={job}".encode(),
+            f"SLURM_PROCID={rank}".encode(),
+        } <= set(environ):
+            return int(entry.name)
+    raise LookupError(f"no rank {rank} of job {job}")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_ends_the_job_at_once_and_the_requeue_resumes(cluster, straight, tmp_path):
+    reference, _, _ = straight
+    run_dir = tmp_path / "killed"
+    job = submit(cluster, run_dir)
+    wait_for_step(run_dir, 12)
+    os.kill(rank_pid(job, 1), signal.SIGKILL)  # rank 0 blocks in the next collective
+    assert wait_requeued(cluster, job, 1, timeout=60) < 40  # no hang: the other rank was ended
+    assert "failed (exit" in log(run_dir, job)
+    assert cluster.wait(job, timeout=300) == "COMPLETED", log(run_dir, job)
+    rows = train_rows(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in train_rows(reference)]
