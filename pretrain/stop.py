@@ -10,6 +10,7 @@ stop after the same step even when the signal reached them at different moments.
 from __future__ import annotations
 
 import signal
+import threading
 
 import parallel
 
@@ -25,6 +26,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         parallel.start_writer_helpers(self.signals)  # before the handlers: children ignore them
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python takes signal handlers in the main thread only: no early stop
         for number in self.signals:
             self._previous[number] = signal.signal(number, self._note)
         return self

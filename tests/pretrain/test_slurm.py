@@ -220,3 +220,28 @@ def test_a_rank_killed_ends_the_job_at_once_and_the_requeue_resumes(cluster, str
     rows = train_rows(run_dir)
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in train_rows(reference)]
+
+
+@pytest.mark.slow
+def test_a_submitit_slurm_sweep_of_two_configurations_completes(cluster, tmp_path):
+    """`dlm train -m hydra/launcher=submitit_slurm`: each configuration a Slurm job of 2 tasks."""
+    sweep_dir = tmp_path / "sweep"
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    launcher = [
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=10",
+    ]
+    settings = [o for o in CONFIG if not o.startswith(("cluster.", "train.steps"))]
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "-m", *launcher, *settings]
+    cmd += ["train.steps=4", "optim.lr=1e-3,3e-3", f"run.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = yaml.safe_load((sweep_dir / "sweep.json").read_text())["jobs"]
+    assert [job["exit_code"] for job in jobs] == [0, 0]
+    for number, lr in ((0, 1e-3), (1, 3e-3)):
+        saved = yaml.safe_load((sweep_dir / str(number) / "config.yaml").read_text())
+        assert saved["optim"]["lr"] == lr
+        derived = yaml.safe_load((sweep_dir / str(number) / "derived.json").read_text())
+        assert derived["world_size"] == 2
+        assert [row["step"] for row in train_rows(sweep_dir / str(number))] == [1, 2, 3, 4]
