@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+from data.files import write_atomic
 from parallel.topology import ConfigError, LaunchEnv
 from pretrain.cli import COMMANDS, Command, function
 from pretrain.confdoc import hydra_quote
@@ -58,7 +59,7 @@ def multirun(command: Command, overrides: list[str], flags: list[str]) -> int:
         )
     sweep_dir, overrides = split_sweep_dir(command, overrides)
     if command.config is None:  # eval: Hydra composes no config of its own, it expands the sweep
-        overrides = [o if o.startswith(("+", "~")) else f"+{o}" for o in overrides]
+        overrides = [o if o.startswith(("+", "~", "hydra")) else f"+{o}" for o in overrides]
     hydra_overrides = [f"hydra.sweep.dir={hydra_quote(sweep_dir)}"]
     for group in ("hydra/job_logging", "hydra/hydra_logging"):  # logging as in a single run
         if not any(o.startswith(f"{group}=") for o in overrides):
@@ -67,12 +68,9 @@ def multirun(command: Command, overrides: list[str], flags: list[str]) -> int:
     with hydra_app(command) as config_name:
         batches = GlobalHydra.instance().hydra.multirun(config_name, task, overrides + hydra_overrides)
     results = [job.return_value for batch in batches for job in batch]
-    if LaunchEnv.detect().rank == 0:
-        print(summary(command, sweep_dir, results), flush=True)
-        from data.files import write_atomic
-
-        payload = {"command": command.name, "jobs": [asdict(result) for result in results]}
-        write_atomic(Path(sweep_dir) / "sweep.json", json.dumps(payload, indent=2) + "\n")
+    print(summary(command, sweep_dir, results), flush=True)
+    payload = {"command": command.name, "jobs": [asdict(result) for result in results]}
+    write_atomic(Path(sweep_dir) / "sweep.json", json.dumps(payload, indent=2) + "\n")
     return 0 if all(result.exit_code == 0 for result in results) else 1
 
 
