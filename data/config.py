@@ -43,6 +43,8 @@ class PrepareConfig:
     samples_per_shard: int = 4096  # samples per .tar shard
     eval_fraction: float = 0.0  # share of the documents held out into eval-*.tar shards
     seed: int = 0  # seed of the choice of held-out documents
+    partitions: int = 1  # split the input files into this many size-balanced parts, merged into output
+    partition: int | None = None  # prepare only this part (0-based) into <output>/parts/; None: all + merge
     progress: bool = True  # a progress bar when stderr is a terminal
 
 

@@ -274,8 +274,9 @@ def eval_mixture(sources: list[tuple[str, float]], limit: int = 4096) -> dict[st
         part = read_split(location, "eval", limit=max(1, round(limit * weight / total)))
         if part["tokens"].shape[0] == 0:
             raise DataConfigError(
-                f"train.eval_every needs an eval split in every data.sources entry: {location} has none "
-                "(dlm prepare ... eval_fraction=0.01)"
+                f"evaluation (train.eval_every, dlm eval) needs an eval split in every data.sources entry: "
+                f"{location} has none (dlm prepare ... eval_fraction=0.01, and held-out documents of at "
+                "least seq_len tokens in all)"
             )
         parts.append(part)
     mixed = {k: torch.cat([p[k] for p in parts]) for k in ("tokens", "segments")}

@@ -77,11 +77,56 @@ consistent pair. On resume, leftover `*.tmp` files and unreferenced carry files 
 deleted, shards after the recorded ones are simply written again (same bytes), and the
 final shards and manifest are byte-identical to an uninterrupted run. The state and carry
 files are removed once the manifest is written.
+
+Partitions and merging. For a Slurm array job, `partitions=N` splits the resolved input list
+into N contiguous runs of files balanced by on-disk size (`partition_files`; every part holds
+at least one file, so N may not exceed the number of files), and `partition=i` (0-based)
+prepares only part i into `<output>/parts/<i:05d>/`, a complete dlm-shards/1 dataset under
+every rule above (resumable, atomic, 'up to date' on rerun, refusing a foreign directory)::
+
+  dlm prepare input=[...] output=DIR tokenizer=... partitions=8 partition=$SLURM_ARRAY_TASK_ID  (each task)
+  dlm prepare input=[...] output=DIR tokenizer=... partitions=8                                 (the merge)
+
+(the merge after the array job, e.g. `sbatch --dependency=afterok:<array job id>`: it
+prepares any part that is not complete itself, so it must not run while the tasks do).
+
+Within a part, document numbers restart at 0 and the hold-out hash is of
+f"{seed}:{i}/{N}:{ordinal}" (f"{seed}:{ordinal}" for partitions=1), so parts hold out
+independently. A part's config_hash adds partitions and partition to the fields above, its
+inputs_sha256 being that of its own files. `inputs_by` is decided from the total number of
+resolved files, so that the parts and the merge agree.
+
+Without `partition` (and partitions > 1), the command prepares in this process, one after the
+other, every part that is not complete, then merges the parts into `<output>` itself. The
+merged config_hash covers partitions and the whole resolved list: it differs from that of
+partitions=1, rightly, since every part drops its own tail shorter than seq_len. The merge
+
+- checks that every part's manifest has the config_hash that part would have now, and that
+  the parts agree on tokenizer sha256, seq_len and dtype (an error names the part);
+- rewrites, per split, every part's shards in part order as `<split>-<j:05d>.tar`, the keys
+  offset by the samples of that split in the earlier parts (read_shard + write_shard: keys
+  have a fixed width, so a rewritten shard has the size of its source): in the merged
+  dataset, every split's keys are 0..samples-1 in shard order;
+- sums the accounting (documents, tokens, samples, tokens_dropped, bytes_read; the skipped
+  examples are concatenated up to MAX_EXAMPLES; `inputs` concatenated per file, or summed
+  per input argument) and checks that it reconciles. Its manifest's `config` has
+  `partitions` (not `partition`), and `parts`: [{dir, config_hash, samples: {train, eval}}]
+  records the provenance.
+
+The merge is restartable: `merge.state.json` (format "dlm-merge-state/1", config_hash,
+config) is written before the first shard; a rerun keeps every target shard that exists
+with the expected size; manifest.json is written last, then the state file removed. A
+manifest, state file or shards of another configuration in `<output>` are refused as above.
+Once the merged manifest is complete, every run of this configuration (the merge, or a
+`partition=i` task) prints 'up to date' and touches nothing, without reading the parts:
+`<output>/parts/` is kept but can then be deleted.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -96,13 +141,27 @@ import numpy as np
 
 from data.config import PrepareConfig
 from data.files import write_atomic
-from data.shards import FORMAT, MANIFEST, SPLITS, segment_ids, shard_name, token_dtype, write_shard
-from data.sources import EMBEDDED, MAX_EXAMPLES, DocumentReader, resolve_inputs
+from data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    ShardLocation,
+    read_shard,
+    segment_ids,
+    sha256_file,
+    shard_name,
+    token_dtype,
+    write_shard,
+)
+from data.sources import EMBEDDED, MAX_EXAMPLES, ON_ERROR, DocumentReader, resolve_inputs
 from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 PREPARE_VERSION = 2  # bump when a code change alters the bytes written for the same config
 STATE = "prepare.state.json"
 STATE_FORMAT = "dlm-prepare-state/1"
+MERGE_STATE = "merge.state.json"
+MERGE_STATE_FORMAT = "dlm-merge-state/1"
+PARTS = "parts"  # <output>/parts/<partition:05d>/: the parts of partitions > 1
 NO_TOKENS = "no_tokens"
 MAX_INPUT_ENTRIES = 10_000  # above this many input files, `inputs` is per input argument
 PRINT_EXAMPLES = 10
@@ -110,13 +169,14 @@ BATCH_CHARS = 1 << 20  # characters of text per tokenization task
 BATCH_DOCS = 2048  # documents per tokenization task
 HASHED = ("jsonl_field", "seq_len", "chunk_chars", "samples_per_shard", "eval_fraction", "seed")
 _TMP = re.compile(
-    r"^(?:(?:train|eval)-\d{5}\.tar|manifest\.json|prepare\.state(?:\.json|\.\d{6}\.bin))\.tmp$"
+    r"^(?:(?:train|eval)-\d{5}\.tar|manifest\.json|(?:prepare|merge)\.state\.json|prepare\.state\.\d{6}\.bin)\.tmp$"
 )
 _CARRY = re.compile(r"^prepare\.state\.\d{6}\.bin$")
 _SHARD = re.compile(r"^(?:train|eval)-\d{5}\.tar$")
 
 # Test hook: called with "shard_written", "state_saved" or "manifest_written" (before the
-# state file is removed); raising there simulates an interruption at that point.
+# state file is removed), and by the merge with "merge_shard_written" or
+# "merge_manifest_written"; raising there simulates an interruption at that point.
 _FAULT: Callable[[str], None] | None = None
 
 
@@ -173,11 +233,13 @@ def _before_spaces(text: str, lo: int, hi: int, may_cut: Callable[[str, str], bo
     return None
 
 
-def is_eval(seed: int, ordinal: int, fraction: float) -> bool:
-    """Whether document number `ordinal` is held out: a hash of (seed, ordinal)."""
+def is_eval(seed: int, ordinal: int, fraction: float, partition: tuple[int, int] | None = None) -> bool:
+    """Whether document number `ordinal` is held out: a hash of (seed, ordinal), and of
+    partition = (index, partitions) within a part of partitions > 1."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}:{ordinal}".encode(), digest_size=8).digest()
+    where = f"{ordinal}" if partition is None else f"{partition[0]}/{partition[1]}:{ordinal}"
+    digest = hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < fraction
 
 
@@ -347,14 +409,28 @@ def _resolve(cfg: PrepareConfig) -> list[_Input]:
     return files
 
 
-def _configuration(cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list[_Input]) -> tuple[dict, str]:
+def _partition_scope(cfg: PrepareConfig, partition: int | None) -> dict:
+    """The partition keys of a configuration: none for partitions=1 (the hash of before),
+    partitions for the merged dataset, partitions and partition for a part."""
+    if cfg.partitions == 1:
+        return {}
+    return {"partitions": cfg.partitions} | ({} if partition is None else {"partition": partition})
+
+
+def _configuration(
+    cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list[_Input], partition: int | None = None
+) -> tuple[dict, str]:
+    """(manifest config, config_hash) of the dataset of `files`: the whole input, or part
+    `partition` of cfg.partitions."""
     listing = [[os.path.abspath(f.path), f.size, f.mtime_ns] for f in files]
     inputs_sha = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    scope = _partition_scope(cfg, partition)
     config = {
         "input": list(cfg.input),
         "tokenizer": str(cfg.tokenizer),
         "on_error": cfg.on_error,
         **{key: getattr(cfg, key) for key in HASHED},
+        **scope,
         "tokenizer_sha256": tok.sha256,
         "inputs_sha256": inputs_sha,
         "input_files": len(files),
@@ -363,12 +439,17 @@ def _configuration(cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list
         "format": FORMAT,
         "version": PREPARE_VERSION,
         **{key: config[key] for key in (*HASHED, "tokenizer_sha256", "inputs_sha256")},
+        **scope,
     }
     return config, hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
 
 
 def _differences(old: dict, new: dict) -> str:
     changed = []
+    for key in ("partitions", "partition"):
+        default = 1 if key == "partitions" else None
+        if old.get(key, default) != new.get(key, default):
+            changed.append(f"{key} {old.get(key, default)!r} -> {new.get(key, default)!r}")
     for key in (*HASHED, "tokenizer_sha256", "inputs_sha256"):
         if old.get(key) != new.get(key):
             if key == "inputs_sha256":
@@ -405,6 +486,11 @@ def _complete(out: Path, manifest: dict) -> str | None:
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
                 return f"{path} is missing or has the wrong size"
     return None
+
+
+def _config_in(path: Path) -> dict | None:
+    """The `config` recorded in a manifest or state file."""
+    return _read_json(path).get("config")
 
 
 def _read_json(path: Path) -> dict:
@@ -487,15 +573,29 @@ class _Accounts:
 
 # -- the command -------------------------------------------------------------------------------------------
 class _Run:
-    def __init__(self, cfg: PrepareConfig):
+    """Prepares one dataset: the whole input into cfg.output, or, with `partition`, part
+    `partition` of cfg.partitions (`files` being its share) into `out`."""
+
+    def __init__(
+        self,
+        cfg: PrepareConfig,
+        tok: Tokenizer | HFTokenizer,
+        files: list[_Input],
+        out: Path,
+        *,
+        by_argument: bool,
+        partition: int | None = None,
+        start: float | None = None,
+    ):
         self.cfg = cfg
-        self.start = time.perf_counter()
-        self.out = Path(cfg.output)
-        self.tok = load_tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
+        self.start = time.perf_counter() if start is None else start
+        self.out = out
+        self.tok = tok
         self.dtype = token_dtype(self.tok.vocab_size)
         self.encoder = _Encoder(self.tok, self.dtype, cfg.chunk_chars)
-        self.files = _resolve(cfg)
-        self.config, self.config_hash = _configuration(cfg, self.tok, self.files)
+        self.files = files
+        self.eval_scope = None if partition is None else (partition, cfg.partitions)  # is_eval's partition
+        self.config, self.config_hash = _configuration(cfg, self.tok, self.files, partition)
         shape = (cfg.seq_len, cfg.samples_per_shard, self.dtype, self.tok.eos_id, self.out)
         self.splits = {s: _Split(s, *shape) for s in SPLITS}
         self.consumed = 0  # documents_consumed of the state
@@ -503,7 +603,7 @@ class _Run:
         self.generation = 0
         self.carry_file: str | None = None
         self.no_tokens = {"count": 0, "per_file": {}, "examples": []}
-        self.accounts = _Accounts(cfg.input, by_argument=len(self.files) > MAX_INPUT_ENTRIES)
+        self.accounts = _Accounts(cfg.input, by_argument=by_argument)
         self.tokens_this_run = 0
 
     # state ------------------------------------------------------------------------------------------------
@@ -576,6 +676,10 @@ class _Run:
                 return manifest
             print(f"dlm prepare: {problem}: preparing {out} again")
             redo = True
+        if not redo and (out / MERGE_STATE).exists():
+            raise _refuse(
+                out, f"an unfinished merge ({MERGE_STATE})", _config_in(out / MERGE_STATE), self.config
+            )
         if state_path.exists() and not redo:
             state = _read_json(state_path)
             if state.get("config_hash") != self.config_hash or state.get("format") != STATE_FORMAT:
@@ -612,7 +716,8 @@ class _Run:
         self.tokens_this_run += int(flat.size)
         written = 0
         if cfg.eval_fraction > 0:
-            held = np.array([is_eval(cfg.seed, o, cfg.eval_fraction) for o, _, _ in batch], dtype=bool)
+            fraction, scope = cfg.eval_fraction, self.eval_scope
+            held = np.array([is_eval(cfg.seed, o, fraction, scope) for o, _, _ in batch], dtype=bool)
             per_token = np.repeat(held, lengths)
             for name, docs, tokens in (
                 ("train", (~held & (lengths > 0)).sum(), flat[~per_token]),
@@ -764,21 +869,359 @@ class _Run:
             print(f"  ... {skipped - PRINT_EXAMPLES:,} more skipped (first {MAX_EXAMPLES} in {MANIFEST})")
 
 
-def _validate(cfg: PrepareConfig) -> None:
-    """The checks of pretrain.config.load_command_config, for callers of run() in Python."""
+# -- partitions and merging --------------------------------------------------------------------------------
+def partition_files(files: list[_Input], count: int) -> list[list[_Input]]:
+    """`count` contiguous runs of `files` balanced by on-disk size (a file weighs its size + 1,
+    so that empty files count too), every run holding at least one file."""
+    if count > len(files):
+        raise PrepareError(
+            f"partitions={count} but the input resolves to {len(files)} files: every partition needs "
+            f"at least one file (choose partitions <= {len(files)})"
+        )
+    cumulative = list(itertools.accumulate(f.size + 1 for f in files))  # weight of files[: k + 1]
+    bounds = [0]
+    for k in range(1, count):
+        cut = _balanced_cut(cumulative, cumulative[-1] * k / count)
+        bounds.append(min(max(cut, bounds[-1] + 1), len(files) - (count - k)))
+    bounds.append(len(files))
+    return [files[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _balanced_cut(cumulative: list[int], target: float) -> int:
+    """The number of leading files whose weight is closest to `target` (the fewer when tied)."""
+    cut = bisect.bisect_left(cumulative, target) + 1  # the fewest files weighing >= target
+    if cut > 1 and target - cumulative[cut - 2] <= cumulative[cut - 1] - target:
+        return cut - 1
+    return cut
+
+
+def _manifest_in(directory: Path) -> dict | None:
+    path = directory / MANIFEST
+    return _read_json(path) if path.is_file() else None
+
+
+class _Partitioned:
+    """partitions > 1: prepares part cfg.partition alone (an array task), or every part that
+    is not complete and then the merge into cfg.output."""
+
+    def __init__(self, cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list[_Input], start: float):
+        self.cfg, self.tok, self.start = cfg, tok, start
+        self.out = Path(cfg.output)
+        if self.out.exists() and not self.out.is_dir():
+            raise PrepareError(f"output {self.out} exists and is not a directory")
+        self.parts = partition_files(files, cfg.partitions)
+        self.by_argument = len(files) > MAX_INPUT_ENTRIES  # from the total: the parts and the merge agree
+        self.config, self.config_hash = _configuration(cfg, tok, files)
+
+    def part_dir(self, index: int) -> Path:
+        return self.out / PARTS / f"{index:05d}"
+
+    def part_run(self, index: int, start: float | None = None) -> _Run:
+        files, out = self.parts[index], self.part_dir(index)
+        return _Run(
+            self.cfg, self.tok, files, out, by_argument=self.by_argument, partition=index, start=start
+        )
+
+    def run(self) -> dict:
+        merged = self.merged()
+        if merged is not None:
+            return merged
+        if self.cfg.partition is not None:
+            return _prepare(self.part_run(self.cfg.partition, self.start))
+        merge = _Merge(self)
+        merge.check_output()  # before hours of preparing parts
+        self.refuse_foreign_parts()
+        for index in range(self.cfg.partitions):
+            self.ensure_part(index)
+        return merge.run([self.verified_part(index) for index in range(self.cfg.partitions)])
+
+    def merged(self) -> dict | None:
+        """The merged manifest if it is complete for this configuration (saying 'up to date');
+        an error if it is another configuration's."""
+        manifest = _manifest_in(self.out)
+        if manifest is None:
+            return None
+        if manifest.get("config_hash") != self.config_hash:
+            raise _refuse(self.out, "a dataset", manifest.get("config"), self.config)
+        if _complete(self.out, manifest) is not None:
+            return None
+        (self.out / MERGE_STATE).unlink(missing_ok=True)  # a merge killed after writing its manifest
+        task = "" if self.cfg.partition is None else f" for partition={self.cfg.partition}"
+        print(
+            f"dlm prepare: {self.out} is up to date ({manifest['samples']:,} samples merged from "
+            f"{len(manifest['parts'])} parts, config {self.config_hash[:12]}); nothing to do{task}"
+        )
+        return manifest
+
+    def part_configuration(self, index: int) -> tuple[dict, str]:
+        return _configuration(self.cfg, self.tok, self.parts[index], index)
+
+    def refuse_foreign_parts(self) -> None:
+        """An error naming the first part prepared with another configuration."""
+        for index in range(self.cfg.partitions):
+            manifest = _manifest_in(self.part_dir(index))
+            config, config_hash = self.part_configuration(index)
+            if manifest is not None and manifest.get("config_hash") != config_hash:
+                raise self.foreign_part(index, manifest, config)
+
+    def ensure_part(self, index: int) -> None:
+        """Prepare part `index` in this process unless it is complete."""
+        prep = self.part_run(index)
+        manifest = _manifest_in(prep.out)
+        if manifest is not None and manifest.get("config_hash") == prep.config_hash:  # (others: refused)
+            if _complete(prep.out, manifest) is None:
+                return
+        print(
+            f"dlm prepare: partition {index} of {self.cfg.partitions} ({len(prep.files)} files) is not "
+            f"prepared: preparing it in this process -> {prep.out}"
+        )
+        _prepare(prep)
+
+    def verified_part(self, index: int) -> dict:
+        """The manifest of part `index`, checked against this configuration."""
+        part = self.part_dir(index)
+        manifest = _manifest_in(part)
+        if manifest is None or _complete(part, manifest) is not None:
+            raise PrepareError(f"part {part} is missing or incomplete: {self.to_run(index)}")
+        config, config_hash = self.part_configuration(index)
+        if manifest.get("config_hash") != config_hash:
+            raise self.foreign_part(index, manifest, config)
+        expected = {
+            "tokenizer sha256": (manifest["tokenizer"]["sha256"], self.tok.sha256),
+            "seq_len": (manifest["seq_len"], self.cfg.seq_len),
+            "dtype": (manifest["dtype"], token_dtype(self.tok.vocab_size)),
+            "inputs_by": (manifest["inputs_by"], "input" if self.by_argument else "file"),
+        }
+        for key, (found, wanted) in expected.items():
+            if found != wanted:
+                raise PrepareError(f"part {part} has {key} {found!r}, not {wanted!r}: {self.to_run(index)}")
+        return manifest
+
+    def foreign_part(self, index: int, manifest: dict, config: dict) -> PrepareError:
+        old = manifest.get("config")
+        why = _differences(old, config) if isinstance(old, dict) else "unknown configuration"
+        return PrepareError(
+            f"part {self.part_dir(index)} was prepared with a different configuration ({why}): "
+            f"delete it, then {self.to_run(index)}"
+        )
+
+    def to_run(self, index: int) -> str:
+        n = self.cfg.partitions
+        return (
+            f"run `dlm prepare ... partitions={n} partition={index}` "
+            f"(or the merge, `dlm prepare ... partitions={n}`, which prepares missing parts)"
+        )
+
+
+class _Merge:
+    """Merges the complete parts of a _Partitioned into its output directory, restartably."""
+
+    def __init__(self, plan: _Partitioned):
+        self.plan = plan
+        self.out = plan.out
+        self.stale: str | None = None  # why a manifest of this configuration is merged again
+
+    def check_output(self) -> None:
+        """Refuse a directory holding another configuration's merge state, run or shards."""
+        out, config = self.out, self.plan.config
+        if not out.is_dir():
+            return
+        manifest = _manifest_in(out)  # if any: this configuration's (plan.merged()), incomplete
+        if manifest is not None:
+            self.stale = _complete(out, manifest)
+        if (out / MERGE_STATE).exists():
+            state = _read_json(out / MERGE_STATE)
+            if state.get("format") != MERGE_STATE_FORMAT or state.get("config_hash") != self.plan.config_hash:
+                raise _refuse(out, f"an unfinished merge ({MERGE_STATE})", state.get("config"), config)
+        elif (out / STATE).exists():
+            raise _refuse(out, f"an unfinished run ({STATE})", _config_in(out / STATE), config)
+        elif manifest is None and any(_SHARD.match(p.name) for p in out.iterdir()):
+            raise PrepareError(
+                f"output directory {out} holds shards but no manifest.json or {MERGE_STATE} "
+                f"(an unknown or foreign run): choose another output= or delete {out} first"
+            )
+
+    def begin(self) -> None:
+        """The state file first: from here on, the directory is this merge's."""
+        out, state = self.out, self.out / MERGE_STATE
+        _remove_leftovers(out)
+        if state.exists():
+            print(f"dlm prepare: resuming the merge into {out}")
+        else:
+            record = {
+                "format": MERGE_STATE_FORMAT,
+                "config_hash": self.plan.config_hash,
+                "config": self.plan.config,
+            }
+            write_atomic(state, _json_bytes(record))
+        if self.stale:
+            print(f"dlm prepare: {self.stale}: merging {out} again")
+            (out / MANIFEST).unlink()
+
+    def run(self, parts: list[dict]) -> dict:
+        self.begin()
+        splits = {split: self.merge_split(split, parts) for split in SPLITS}
+        manifest = self.manifest(parts, splits)
+        write_atomic(self.out / MANIFEST, _json_bytes(manifest))
+        if _FAULT:
+            _FAULT("merge_manifest_written")
+        (self.out / MERGE_STATE).unlink(missing_ok=True)
+        self.report(manifest)
+        return manifest
+
+    def merge_split(self, split: str, parts: list[dict]) -> dict:
+        """Every part's shards of `split` in part order, keys offset; the split's summary."""
+        shards: list[dict] = []
+        samples = 0
+        for index, part in enumerate(parts):
+            source = ShardLocation(str(self.plan.part_dir(index)))
+            for entry in part["splits"][split]["shards"]:
+                shards.append(self.merge_shard(source, entry, shard_name(split, len(shards)), samples, part))
+                samples += entry["samples"]
+        return {
+            "shards": shards,
+            "samples": samples,
+            "tokens": sum(shard["tokens"] for shard in shards),
+            "documents": sum(part["splits"][split]["documents"] for part in parts),
+        }
+
+    def merge_shard(self, source: ShardLocation, entry: dict, name: str, first_key: int, part: dict) -> dict:
+        """Shard `entry` of a part rewritten as `name` with keys from first_key (kept if it
+        exists with the expected size: written by this merge before an interruption)."""
+        target = self.out / name
+        if target.is_file() and target.stat().st_size == entry["bytes"]:
+            return {**entry, "name": name, "sha256": sha256_file(target)}
+        rows = read_shard(source, entry["name"], seq_len=part["seq_len"], dtype=part["dtype"])
+        written = write_shard(
+            target, [(tokens, segments) for _, tokens, segments in rows], first_key, part["dtype"]
+        )
+        if (written["samples"], written["bytes"]) != (entry["samples"], entry["bytes"]):
+            raise RuntimeError(
+                f"{source.url(entry['name'])} rewritten as {target} has {written['samples']} samples in "
+                f"{written['bytes']} bytes, not {entry['samples']} in {entry['bytes']}"
+            )
+        if _FAULT:
+            _FAULT("merge_shard_written")
+        return written
+
+    def manifest(self, parts: list[dict], splits: dict) -> dict:
+        first = parts[0]
+        totals = _merged_totals(parts)
+        in_splits = {
+            "samples": sum(split["samples"] for split in splits.values()),
+            "documents_written": sum(split["documents"] for split in splits.values()),
+        }
+        for key, n in in_splits.items():
+            if totals[key] != n:
+                raise RuntimeError(f"the parts' {key} ({totals[key]}) are not those of their splits ({n})")
+        provenance = [
+            {"dir": f"{PARTS}/{index:05d}", "config_hash": part["config_hash"]}
+            | {"samples": {split: part["splits"][split]["samples"] for split in SPLITS}}
+            for index, part in enumerate(parts)
+        ]
+        return {
+            "format": FORMAT,
+            **{key: first[key] for key in ("seq_len", "dtype", "tokenizer")},
+            "splits": splits,
+            **totals,
+            "inputs_by": first["inputs_by"],
+            "inputs": _merged_inputs(parts),
+            "parts": provenance,
+            "config": self.plan.config,
+            "config_hash": self.plan.config_hash,
+        }
+
+    def report(self, m: dict) -> None:
+        seconds = time.perf_counter() - self.plan.start
+        shards = {split: len(m["splits"][split]["shards"]) for split in SPLITS}
+        print(
+            f"dlm prepare: merged {len(m['parts'])} parts -> {m['tokens']:,} tokens in {m['samples']:,} "
+            f"samples of {m['seq_len']} in {sum(shards.values())} shards (train {shards['train']}, "
+            f"eval {shards['eval']}) in {seconds:.1f} s -> {self.out}"
+        )
+
+
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, n in count.items():
+            total[key] = total.get(key, 0) + n
+    return dict(sorted(total.items()))
+
+
+def _merged_totals(parts: list[dict]) -> dict:
+    """The summed accounting of the parts, in manifest order; it must reconcile."""
+    summed = ("documents_read", "documents_written", "tokens", "samples", "tokens_dropped", "bytes_read")
+    total = {key: sum(part[key] for part in parts) for key in summed}
+    skipped = _sum_counts([part["documents_skipped"] for part in parts])
+    read, written = total["documents_read"], total["documents_written"]
+    if read != written + sum(skipped.values()):
+        raise RuntimeError(
+            f"the parts' document accounting does not reconcile ({read=}, {written=}, {skipped})"
+        )
+    examples = [example for part in parts for example in part["skipped_examples"]][:MAX_EXAMPLES]
+    return {
+        "documents_read": read,
+        "documents_written": written,
+        "documents_skipped": skipped,
+        "skipped_examples": examples,
+        **{key: total[key] for key in ("tokens", "samples", "tokens_dropped", "bytes_read")},
+    }
+
+
+_SUMMED = ("files", "size", "bytes", "documents_read", "documents_written")  # in `inputs` per argument
+
+
+def _merged_inputs(parts: list[dict]) -> list[dict]:
+    """The parts' `inputs`: concatenated per file; per input argument, summed by "input"."""
+    entries = [entry for part in parts for entry in part["inputs"]]
+    if parts[0]["inputs_by"] == "file":
+        return entries
+    merged: dict[str, dict] = {}
+    for entry in entries:
+        into = merged.setdefault(
+            entry["input"], {**entry, "documents_skipped": {}} | dict.fromkeys(_SUMMED, 0)
+        )
+        for key in _SUMMED:
+            into[key] += entry[key]
+        into["documents_skipped"] = _sum_counts([into["documents_skipped"], entry["documents_skipped"]])
+    return list(merged.values())
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def check_config(cfg: PrepareConfig) -> None:
+    """The checks of a PrepareConfig (`dlm prepare` runs them before anything else, exit 2;
+    run() again, for callers in Python)."""
     if not cfg.input:
-        raise PrepareError("input=[...] is empty (files, directories, globs, stdlib, manpages)")
-    for key in ("seq_len", "workers", "chunk_chars", "samples_per_shard"):
+        raise PrepareError("prepare: input=[...] is empty (files, directories, globs, stdlib, manpages)")
+    if cfg.on_error not in ON_ERROR:
+        raise PrepareError(f"on_error={cfg.on_error!r} is not one of {ON_ERROR}")
+    for key in ("seq_len", "workers", "chunk_chars", "samples_per_shard", "partitions"):
         if getattr(cfg, key) <= 0:
             raise PrepareError(f"{key}={getattr(cfg, key)} must be positive")
     if not 0 <= cfg.eval_fraction < 1:
         raise PrepareError(f"eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+    if cfg.partition is not None and cfg.partitions == 1:
+        raise PrepareError(f"partition={cfg.partition} needs partitions > 1 (the number of parts)")
+    if cfg.partition is not None and not 0 <= cfg.partition < cfg.partitions:
+        raise PrepareError(f"partition={cfg.partition} must be in [0, partitions={cfg.partitions})")
 
 
 def run(cfg: PrepareConfig) -> dict:
-    """Prepare (or resume, or confirm up to date) the dataset of `cfg`; returns its manifest."""
-    _validate(cfg)
-    prep = _Run(cfg)
+    """Prepare (or resume, or confirm up to date) the dataset of `cfg`; returns its manifest
+    (with partitions > 1: part cfg.partition's, or the merged one)."""
+    check_config(cfg)
+    start = time.perf_counter()
+    tok = load_tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
+    files = _resolve(cfg)
+    if cfg.partitions > 1:
+        return _Partitioned(cfg, tok, files, start).run()
+    by_argument = len(files) > MAX_INPUT_ENTRIES
+    return _prepare(_Run(cfg, tok, files, Path(cfg.output), by_argument=by_argument, start=start))
+
+
+def _prepare(prep: _Run) -> dict:
+    """Prepare (or resume, or confirm up to date) the dataset of one _Run."""
     manifest = prep.prepare_output()
     if manifest is not None:
         print(

@@ -53,7 +53,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -61,6 +61,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data.config import TokenizerConfig
+from data.files import write_atomic
 from data.sources import DocumentReader, InputError
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
@@ -508,14 +509,41 @@ def train_tokenizer(cfg: TokenizerConfig) -> tuple[Path, dict]:
     return out / f"{cfg.name}.model", report
 
 
+def _settings(cfg: TokenizerConfig) -> dict:
+    """What the model depends on (not where it goes, not the thread count), as in the report."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("output", "num_threads")}
+
+
+def _up_to_date(cfg: TokenizerConfig) -> Path | None:
+    """The model, when a finished run of the same settings wrote it (its report names its sha256)."""
+    path = Path(cfg.output) / f"{cfg.name}.model"
+    try:
+        report = json.loads((path.parent / f"{cfg.name}.report.json").read_text())
+        same = report.get("config") == _settings(cfg) and report["tokenizer"]["sha256"] == _sha256(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if same else None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run(cfg: TokenizerConfig) -> Path:
+    """Train the tokenizer, or say it is up to date (same settings, model unchanged: a rerun,
+    e.g. of a pipeline stage, keeps the tokenizer the datasets were made with)."""
     from data.hf_tokenizer import export_hf
 
+    done = _up_to_date(cfg)
+    if done is not None:
+        print(f"dlm tokenizer: {done} is up to date (same settings); nothing to do")
+        return done
     path, report = train_tokenizer(cfg)
     tok = Tokenizer(path)
     export_hf(tok, path.parent)
     report["tokenizer"] = tok.describe()
-    (path.parent / f"{cfg.name}.report.json").write_text(json.dumps(report, indent=2))
+    report["config"] = _settings(cfg)
+    write_atomic(path.parent / f"{cfg.name}.report.json", json.dumps(report, indent=2))  # last: marks it done
     skipped = sum(report["documents_skipped"].values())
     print(
         f"dlm tokenizer: {tok.vocab_size} pieces ({cfg.model_type}) from {report['documents_used']:,} "

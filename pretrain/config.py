@@ -311,22 +311,23 @@ def load_command_config(name: str, overrides: list[str] | None = None):
     cfg = OmegaConf.to_object(node)  # raises MissingMandatoryValue naming e.g. 'output'
     if name in ("import_hf", "export_hf"):  # checked by pretrain/convert.py
         return cfg
+    if isinstance(cfg, PrepareConfig):
+        from data.prepare import PrepareError, check_config
+
+        try:
+            check_config(cfg)
+        except PrepareError as e:
+            raise ConfigError(str(e)) from e
+        return cfg
     if not cfg.input:
         raise ConfigError(f"{name}: input=[...] is empty (files, directories, globs, stdlib, manpages)")
     if cfg.on_error not in ON_ERROR:
         raise ConfigError(f"on_error={cfg.on_error!r} is not one of {ON_ERROR}")
-    if isinstance(cfg, TokenizerConfig) and cfg.model_type not in MODEL_TYPES:
+    if cfg.model_type not in MODEL_TYPES:
         raise ConfigError(f"model_type={cfg.model_type!r} is not one of {MODEL_TYPES}")
-    positive = (
-        ["vocab_size", "max_sentences"]
-        if isinstance(cfg, TokenizerConfig)
-        else ["seq_len", "workers", "chunk_chars", "samples_per_shard"]
-    )
-    for key in positive:
+    for key in ("vocab_size", "max_sentences"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
-    if isinstance(cfg, PrepareConfig) and not 0 <= cfg.eval_fraction < 1:
-        raise ConfigError(f"eval_fraction={cfg.eval_fraction} must be in [0, 1)")
     return cfg
 
 

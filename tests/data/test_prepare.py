@@ -6,11 +6,14 @@ Tiny tokenizers trained on local text: no downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -834,3 +837,262 @@ def test_large_vocabulary_hf_tokenizer_writes_uint32(many, tmp_path):
     tok = HFTokenizer(big)
     first = stream[: int(np.argmax(stream == tok.eos_id))]
     assert 66_499 in first.tolist() and tok.decode(first) == doc
+
+
+# -- partitions and merging ------------------------------------------------------------------------------
+BAD_LINE = b'{"text": "bad \xff byte"}'
+
+
+@pytest.fixture(scope="module")
+def parted(tmp_path_factory) -> Path:
+    """5 JSONL files of different sizes (~250 documents); one line of b.jsonl is invalid UTF-8."""
+    root = tmp_path_factory.mktemp("parted") / "in"
+    root.mkdir()
+    rng = random.Random(7)
+    for name, count in (("a", 70), ("b", 40), ("c", 55), ("d", 25), ("e", 60)):
+        lines = [
+            json.dumps({"text": f"{name}{i}: " + _prose(rng, rng.randrange(5, 60))}).encode()
+            for i in range(count)
+        ]
+        if name == "b":
+            lines.insert(10, BAD_LINE)  # line 11
+        (root / f"{name}.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def _pcfg(inputs, out, tok_path, **kw) -> PrepareConfig:
+    return _cfg(inputs, out, tok_path, **{"seq_len": 32, "samples_per_shard": 32, "eval_fraction": 0.3, **kw})
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every file under `out` (parts/ included), by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _stamps(out: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p.relative_to(out)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def partitioned(parted, tok_path, tmp_path_factory) -> dict:
+    """partitions=3 prepared as an array job (tasks 2, 0, 1, then the merge) and by one run."""
+    root = tmp_path_factory.mktemp("partitioned")
+    array, sequential = root / "array", root / "sequential"
+    printed = {}
+    with _capture() as out:
+        for task in (2, 0, 1):
+            run(_pcfg([parted], array, tok_path, partitions=3, partition=task))
+        printed["tasks"] = out.getvalue()
+    with _capture() as out:
+        run(_pcfg([parted], array, tok_path, partitions=3))
+        printed["merge"] = out.getvalue()
+    with _capture() as out:
+        run(_pcfg([parted], sequential, tok_path, partitions=3))
+        printed["sequential"] = out.getvalue()
+    return {"array": array, "sequential": sequential, "printed": printed}
+
+
+@contextlib.contextmanager
+def _capture():
+    """What run() prints (capsys is function-scoped; the fixtures using this are not)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield buffer
+
+
+def _parts(out: Path, count: int = 3) -> list[dict]:
+    return [load_manifest(out / "parts" / f"{i:05d}") for i in range(count)]
+
+
+def test_partition_files_are_contiguous_balanced_and_never_empty():
+    def inputs(sizes):
+        return [prepare._Input(0, Path(f"f{i}"), size, 0) for i, size in enumerate(sizes)]
+
+    files = inputs([100] * 12)
+    assert [len(p) for p in prepare.partition_files(files, 4)] == [3, 3, 3, 3]
+    skewed = inputs([1000, 10, 10, 10, 10, 10, 10, 10, 10, 10, 990])
+    parts = prepare.partition_files(skewed, 3)
+    assert [f for p in parts for f in p] == skewed and [len(p) for p in parts] == [1, 9, 1]
+    for count in range(1, 12):  # every part holds at least one file, even for one huge file
+        parts = prepare.partition_files(inputs([10**6] + [0] * 10), count)
+        assert len(parts) == count and all(parts) and sum(len(p) for p in parts) == 11
+
+
+def test_array_tasks_and_one_run_write_identical_datasets(partitioned):
+    array, sequential, printed = partitioned["array"], partitioned["sequential"], partitioned["printed"]
+    assert _tree(array) == _tree(sequential)
+    assert sorted(p.name for p in (array / "parts").iterdir()) == ["00000", "00001", "00002"]
+    assert printed["tasks"].count("dlm prepare: ") >= 3 and "merged" not in printed["tasks"]
+    assert "preparing it in this process" not in printed["merge"]
+    assert printed["sequential"].count("is not prepared: preparing it in this process") == 3
+    merge_line = printed["merge"].splitlines()[-1]
+    m = load_manifest(array)
+    assert merge_line.startswith(f"dlm prepare: merged 3 parts -> {m['tokens']:,} tokens in {m['samples']:,}")
+    assert " s -> " in merge_line and not (array / prepare.MERGE_STATE).exists()
+
+
+def test_merged_dataset_keys_counts_and_accounting(partitioned, parted, tok_path, tmp_path):
+    out = partitioned["sequential"]
+    m, parts = load_manifest(out), _parts(out)
+    assert all(len(p["splits"][s]["shards"]) >= 2 for p in parts for s in ("train", "eval"))
+    for split in ("train", "eval"):
+        tokens, _ = _stream(out, split)  # names in order, sha256 and bytes, keys 0..samples-1
+        part_tokens = [_stream(out / "parts" / f"{i:05d}", split)[0] for i in range(3)]
+        assert np.array_equal(tokens, np.concatenate(part_tokens))  # the parts' samples, in part order
+        for key in ("samples", "tokens", "documents"):
+            assert m["splits"][split][key] == sum(p["splits"][split][key] for p in parts)
+    for key in ("documents_read", "documents_written", "tokens", "samples", "tokens_dropped", "bytes_read"):
+        assert m[key] == sum(p[key] for p in parts), key
+    assert m["documents_read"] == m["documents_written"] + sum(m["documents_skipped"].values())
+    # the bad line is in one part, and its count and example survive the merge
+    assert m["documents_skipped"] == {"invalid_utf8": 1}
+    assert [p["documents_skipped"] for p in parts].count({"invalid_utf8": 1}) == 1
+    assert m["skipped_examples"] == [f"{parted}/b.jsonl:11: invalid_utf8 (byte 14)"]
+    # provenance and configuration
+    assert m["parts"] == [
+        {"dir": f"parts/{i:05d}", "config_hash": p["config_hash"]}
+        | {"samples": {s: p["splits"][s]["samples"] for s in ("train", "eval")}}
+        for i, p in enumerate(parts)
+    ]
+    assert m["config"]["partitions"] == 3 and "partition" not in m["config"]
+    assert [p["config"]["partition"] for p in parts] == [0, 1, 2]
+    assert m["config"]["input_files"] == 5 == sum(p["config"]["input_files"] for p in parts)
+    # per-file accounting does not depend on the partitioning; the bytes do (tails, hold-out)
+    single = run(_pcfg([parted], tmp_path / "single", tok_path))
+    assert m["inputs_by"] == "file" and m["inputs"] == single["inputs"]
+    for key in ("documents_read", "documents_written", "documents_skipped", "bytes_read"):
+        assert m[key] == single[key], key
+    assert m["config_hash"] != single["config_hash"] and "partitions" not in single["config"]
+
+
+def test_trainer_loader_reads_the_merged_dataset(partitioned):
+    from data.loader import build_train_loader
+
+    out = partitioned["sequential"]
+    m = load_manifest(out)
+    tokens, _ = _stream(out, "train")
+    ld = build_train_loader(
+        [(str(out), 1.0)],
+        seq_len=32,
+        micro_batch_size=1,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        num_workers=0,
+        tokenizer_sha256=m["tokenizer"]["sha256"],
+        epochs=1,
+    )
+    try:
+        batches = list(ld)
+    finally:
+        ld.close()
+    keys = [int(b["keys"][0]) for b in batches]
+    assert sorted(keys) == list(range(m["splits"]["train"]["samples"]))
+    for batch, key in zip(batches, keys, strict=True):
+        assert np.array_equal(batch["tokens"][0].numpy(), tokens[key])
+
+
+def test_interrupted_merge_resumes_to_the_same_bytes(partitioned, parted, tok_path, tmp_path):
+    reference = _tree(partitioned["sequential"])
+    out = tmp_path / "out"
+    shutil.copytree(partitioned["sequential"] / "parts", out / "parts")
+    cfg = _pcfg([parted], out, tok_path, partitions=3)
+    with pytest.raises(_Interrupt):
+        _with_fault(lambda: run(cfg), "merge_shard_written", 2)
+    assert (out / prepare.MERGE_STATE).exists() and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-00000.tar", "train-00001.tar"]
+    first = (out / "train-00000.tar").stat().st_mtime_ns
+    (out / "train-00002.tar.tmp").write_bytes(b"half a shard")
+    run(cfg)
+    assert _tree(out) == reference and (out / "train-00000.tar").stat().st_mtime_ns == first  # kept
+    # killed after writing the manifest: the rerun is up to date and removes the state file
+    again = tmp_path / "again"
+    shutil.copytree(out / "parts", again / "parts")
+    cfg = _pcfg([parted], again, tok_path, partitions=3)
+    with pytest.raises(_Interrupt):
+        _with_fault(lambda: run(cfg), "merge_manifest_written", 1)
+    assert (again / prepare.MERGE_STATE).exists()
+    run(cfg)
+    assert _tree(again) == reference
+
+
+def test_merged_rerun_is_up_to_date_without_the_parts(partitioned, parted, tok_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(partitioned["sequential"], out)
+    before = _stamps(out)
+    time.sleep(0.01)
+    merged = load_manifest(out)
+    assert run(_pcfg([parted], out, tok_path, partitions=3)) == merged
+    assert run(_pcfg([parted], out, tok_path, partitions=3, partition=1)) == merged
+    printed = capsys.readouterr().out
+    assert printed.count("is up to date") == 2 and "nothing to do for partition=1" in printed
+    assert _stamps(out) == before
+    shutil.rmtree(out / "parts")  # not needed any more
+    assert run(_pcfg([parted], out, tok_path, partitions=3)) == merged
+    # a lost shard: the merge prepares the parts again and rewrites the same bytes
+    (out / "eval-00001.tar").unlink()
+    run(_pcfg([parted], out, tok_path, partitions=3))
+    assert "eval-00001.tar is missing" in capsys.readouterr().out
+    assert _tree(out) == _tree(partitioned["sequential"])
+
+
+def test_parts_and_outputs_of_another_configuration_are_refused(partitioned, parted, tok_path, tmp_path):
+    out = tmp_path / "out"
+    run(_pcfg([parted], out, tok_path, partitions=3, partition=1, seq_len=16))
+    with pytest.raises(PrepareError, match="seq_len 16 -> 32") as e:
+        run(_pcfg([parted], out, tok_path, partitions=3))
+    assert f"part {out / 'parts' / '00001'}" in str(e.value) and "partitions=3 partition=1" in str(e.value)
+    # a dataset of partitions=1, or shards of an unknown run, in the output directory
+    single = tmp_path / "single"
+    run(_pcfg([parted], single, tok_path))
+    with pytest.raises(PrepareError, match="partitions 1 -> 3") as e:
+        run(_pcfg([parted], single, tok_path, partitions=3, partition=0))
+    assert str(single) in str(e.value)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train-00000.tar").write_bytes(b"")
+    with pytest.raises(PrepareError, match="no manifest.json or merge.state.json"):
+        run(_pcfg([parted], foreign, tok_path, partitions=3))
+    # an unfinished merge is not continued by a partitions=1 run, nor by another merge
+    merging = tmp_path / "merging"
+    shutil.copytree(partitioned["sequential"] / "parts", merging / "parts")
+    with pytest.raises(_Interrupt):
+        _with_fault(lambda: run(_pcfg([parted], merging, tok_path, partitions=3)), "merge_shard_written", 1)
+    with pytest.raises(PrepareError, match="unfinished merge.*partitions 3 -> 1"):
+        run(_pcfg([parted], merging, tok_path))
+    with pytest.raises(PrepareError, match="unfinished merge.*eval_fraction"):
+        run(_pcfg([parted], merging, tok_path, partitions=3, eval_fraction=0.1))
+
+
+def test_partition_arguments_are_checked(parted, tok_path, tmp_path):
+    three = [parted / "a.jsonl", parted / "b.jsonl", parted / "c.jsonl"]
+    with pytest.raises(PrepareError, match="partitions=5 but the input resolves to 3 files"):
+        run(_pcfg(three, tmp_path / "o", tok_path, partitions=5))
+    with pytest.raises(PrepareError, match=r"partition=3 must be in \[0, partitions=3\)"):
+        run(_pcfg(three, tmp_path / "o", tok_path, partitions=3, partition=3))
+    with pytest.raises(PrepareError, match="partition=0 needs partitions > 1"):
+        run(_pcfg(three, tmp_path / "o", tok_path, partition=0))
+    with pytest.raises(PrepareError, match="partitions=0 must be positive"):
+        run(_pcfg(three, tmp_path / "o", tok_path, partitions=0))
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_sums_inputs_per_argument_and_parts_hold_out_independently(
+    parted, tok_path, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(prepare, "MAX_INPUT_ENTRIES", 2)  # 5 files: per input argument, parts included
+    inputs = [parted / "a.jsonl", parted / "[bc].jsonl", parted / "[de].jsonl"]
+    merged = run(_pcfg(inputs, tmp_path / "merged", tok_path, partitions=4))
+    single = run(_pcfg(inputs, tmp_path / "single", tok_path))
+    assert merged["inputs_by"] == single["inputs_by"] == "input"
+    assert all(p["inputs_by"] == "input" for p in _parts(tmp_path / "merged", 4))
+    assert merged["inputs"] == single["inputs"] and [e["files"] for e in merged["inputs"]] == [1, 2, 2]
+    # the hold-out hash includes the partition: parts' documents are held out independently
+    held = {
+        scope: [prepare.is_eval(0, i, 0.3, scope) for i in range(200)] for scope in (None, (0, 4), (1, 4))
+    }
+    assert len({tuple(v) for v in held.values()}) == 3

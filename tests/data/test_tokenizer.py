@@ -463,6 +463,17 @@ def test_cli_end_to_end_accounts_for_bad_inputs(tmp_path):
     text = "def decode(self, s):\n    return  json.loads(s)  # ünïcödé 日本 <mask>\n"
     assert hf(text)["input_ids"] == tok.encode(text) and tok.decode(tok.encode(text)) == text
 
+    # a rerun with the same settings (another thread count) keeps the model; other settings retrain
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = _dlm(f"input=[{inputs}]", f"output={out}", "vocab_size=400", "name=code", "num_threads=1")
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    (out / "code.model").write_bytes((out / "code.model").read_bytes() + b"x")  # not what the report names
+    redo = _dlm(f"input=[{inputs}]", f"output={out}", "vocab_size=400", "name=code")
+    assert redo.returncode == 0 and "up to date" not in redo.stdout
+    recorded = json.loads((out / "code.report.json").read_text())["tokenizer"]["sha256"]
+    assert Tokenizer(out / "code.model").sha256 == recorded
+
 
 def test_cli_on_error_fail_names_file_and_line(tmp_path):
     inputs = tmp_path / "in"
