@@ -26,6 +26,7 @@ class Command:
     examples: tuple[str, ...] = ()
     extra_keys: tuple[tuple[str, str], ...] = ()  # keys outside the schema: (key, description)
     subcommands: tuple[str, ...] = ()  # its first argument is one of these (dlm slurm submit)
+    plain_subcommands: tuple[str, ...] = ()  # subcommands taking plain arguments (dlm slurm status RUN)
 
 
 TRAIN_GROUPS = ("model", "data", "parallel", "optim", "curriculum", "cluster", "experiment")
@@ -115,7 +116,7 @@ COMMANDS = {
         ),
         Command(
             "slurm",
-            "submit a training job to Slurm (rendered from cluster.*; preemption-safe)",
+            "Slurm: a training job (preemption-safe), the whole pipeline as dependent jobs, their status",
             "pretrain.slurm:main",
             "pretrain.config:Config",
             "config",
@@ -124,8 +125,12 @@ COMMANDS = {
             examples=(
                 "dlm slurm submit cluster=h100 cluster.nodes=2 experiment=llada_8b run.dir=/scratch/llada",
                 "dlm slurm submit --dry-run model=tiny cluster.tasks_per_node=2 run.dir=runs/r1",
+                "dlm slurm pipeline cluster=h100 experiment=llada_8b 'pipeline.input=[/data/corpus]' "
+                "pipeline.partitions=16 run.dir=/scratch/llada",
+                "dlm slurm status /scratch/llada",
             ),
-            subcommands=("submit",),
+            subcommands=("submit", "pipeline", "status"),
+            plain_subcommands=("status",),
         ),
         Command(
             "report",
@@ -257,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(command: Command, argv: list[str]) -> int:
     if not command.schema:  # report: its own argument parser, --help included
         return function(command.main)(argv)
+    from hydra.errors import HydraException
+
     from parallel.topology import ConfigError
 
     sub = argv[:1] if command.subcommands and argv and argv[0] in command.subcommands else []
+    if sub and sub[0] in command.plain_subcommands:
+        return function(command.main)(argv)
     try:
         if command.subcommands and not sub and not {"-h", "--help"} & set(argv):
             raise ConfigError(
@@ -280,7 +289,7 @@ def run_command(command: Command, argv: list[str]) -> int:
 
         check_command_overrides(command, overrides)
         return dispatch(command, flags, overrides, sub)
-    except ConfigError as e:
+    except (ConfigError, HydraException) as e:  # HydraException: an override's syntax
         return config_error(command, e)
 
 

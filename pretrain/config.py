@@ -108,6 +108,32 @@ class ClusterConfig:
     sbatch_extra: list[str] = field(default_factory=list)
 
 
+PIPELINE_STAGES = ("tokenizer", "prepare", "train", "eval", "export")
+
+
+@dataclass
+class PipelineConfig:
+    # `dlm slurm pipeline`: the corpus -> tokenizer -> prepare -> train -> eval -> export chain.
+    input: list[str] = field(default_factory=list)  # the corpus: files, dirs, globs, 'stdlib', 'manpages'
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))  # the stages submitted, in order
+    # the tokenizer: the tokenizer stage writes it (a .model path); without that stage, any
+    # tokenizer `dlm prepare` takes
+    tokenizer: str = "${run.dir}/tokenizer/tokenizer.model"
+    data: str = "${run.dir}/data"  # the prepared dataset (the train stage reads it)
+    export: str = "${run.dir}/hf"  # the Hugging Face model the export stage writes
+    vocab_size: int = 8000  # the tokenizer stage's vocabulary size
+    partitions: int = 1  # prepare array tasks, each over a share of the input files (then merged)
+    eval_fraction: float = 0.01  # share of the documents prepare holds out for eval
+    samples_per_shard: int = 4096  # samples per prepared .tar shard
+    cpus: int = 8  # CPU cores of each tokenizer, prepare, merge and export job
+    time: str = "04:00:00"  # time limit of each tokenizer, prepare, merge, eval and export job
+    # more overrides per stage, e.g. '["jsonl_field=content"]' (quoted: Hydra reads `=` in a list)
+    tokenizer_args: list[str] = field(default_factory=list)  # ... of `dlm tokenizer`
+    prepare_args: list[str] = field(default_factory=list)  # ... of `dlm prepare`
+    eval_args: list[str] = field(default_factory=list)  # ... of `dlm eval`, e.g. eval.batches=32
+    export_args: list[str] = field(default_factory=list)  # ... of `dlm export-hf`
+
+
 @dataclass
 class ObjectiveConfig:
     t_sampling: str = "uniform"  # how t is drawn: uniform (LLaDA) | stratified (MDLM antithetic)
@@ -176,6 +202,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out likelihood bound and sample texts
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping, starting from
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics: wandb, progress bar
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # `dlm slurm pipeline`: the stages
 
 
 def register() -> None:

@@ -15,6 +15,9 @@
 # rank that died (blocked in a collective) do not hang until the collective's timeout.
 # (Not --kill-on-bad-exit: it would kill the peers of the first rank to exit 75.)
 # No job requeues more than DLM_MAX_REQUEUES times (SLURM_RESTART_COUNT).
+# With DLM_STAGE set (the jobs of `dlm slurm pipeline`), the outcome is also recorded in
+# $DLM_STATE_DIR/status-<stage>[-<array task>].json for `dlm slurm status`, which needs it
+# once slurmctld has forgotten the job and no accounting (sacct) keeps it.
 
 dlm_rendezvous() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -52,14 +55,17 @@ dlm_after() {
     local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$rc" -eq 0 ]; then
         echo "dlm: done"
+        dlm_record done 0
         return 0
     fi
     if [ "$rc" -eq 2 ]; then
         echo "dlm: invalid configuration (exit 2): not requeued"
+        dlm_record failed 2
         return 2
     fi
     if [ "$restarts" -ge "${DLM_MAX_REQUEUES:-50}" ]; then
         echo "dlm: exit $rc after $restarts requeues (DLM_MAX_REQUEUES=${DLM_MAX_REQUEUES:-50}): giving up"
+        dlm_record failed "$rc"
         return "$rc"
     fi
     if [ "$rc" -ne 75 ]; then
@@ -67,6 +73,7 @@ dlm_after() {
         [ -f "$record" ] && failures=$(cat "$record")
         if [ "$failures" -ge "${DLM_MAX_FAILURES:-1}" ]; then
             echo "dlm: failed (exit $rc), $failures earlier failures: giving up"
+            dlm_record failed "$rc"
             return "$rc"
         fi
         echo $((failures + 1)) > "$record"
@@ -74,6 +81,18 @@ dlm_after() {
     else
         echo "dlm: stopped with a checkpoint (exit 75): requeueing"
     fi
-    scontrol requeue "$SLURM_JOB_ID" || return "$rc"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        dlm_record failed "$rc"
+        return "$rc"
+    fi
+    dlm_record requeued "$rc"
     return 0
+}
+
+dlm_record() {  # OUTCOME EXIT: the job's outcome for `dlm slurm status` (pipeline stages)
+    [ -n "${DLM_STAGE:-}" ] || return 0
+    local file="${DLM_STATE_DIR:-.}/status-$DLM_STAGE${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}.json"
+    printf '{"job": "%s", "array_job": "%s", "outcome": "%s", "exit": %d, "restarts": %d, "time": %d}\n' \
+        "$SLURM_JOB_ID" "${SLURM_ARRAY_JOB_ID:-}" "$1" "$2" "${SLURM_RESTART_COUNT:-0}" "$(date +%s)" > "$file.tmp" &&
+        mv -f "$file.tmp" "$file"
 }

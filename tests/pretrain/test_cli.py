@@ -137,6 +137,8 @@ def test_cfg_validates(capsys):
         (["import-hf", "mask_tokn=append"], "did you mean `mask_token`?"),
         (["export-hf", "parallel.tpp=2"], "did you mean `parallel.tp`"),
         (["sample", "temprature=1"], "did you mean `temperature`?"),
+        (["train", "pipeline.eval_args=[eval.batches=2]"], "no viable alternative at input"),  # syntax
+        (["slurm", "pipeline", "pipeline.stagez=[train]"], "did you mean `pipeline.stages`"),
     ],
 )
 def test_misspelt_keys_groups_and_flags_get_the_closest_name(capsys, argv, expected):

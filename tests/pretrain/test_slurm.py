@@ -1,15 +1,18 @@
-"""`dlm slurm submit` on a real Slurm cluster (tests/slurm_cluster.py): a 2-task job
-trains to completion; preempted twice it resumes every step once and ends with the
-uninterrupted run's weights; a rank killed with SIGKILL ends the job at once and the
-requeue resumes; hostile override values reach the trainer literally."""
+"""`dlm slurm` on a real Slurm cluster (tests/slurm_cluster.py): a 2-task job trains to
+completion; preempted twice it resumes every step once and ends with the uninterrupted
+run's weights; a rank killed with SIGKILL ends the job at once and the requeue resumes;
+hostile override values reach the trainer literally; `dlm slurm pipeline` runs every stage
+to a Hugging Face model and a failed stage cancels the later ones (`dlm slurm status`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def submit(cluster, run_dir: Path, *overrides: str) -> int:
 
 
 def log(run_dir: Path, job: int) -> str:
-    return (run_dir / "slurm" / f"{job}.log").read_text()
+    return (run_dir / "slurm" / f"train-{job}.log").read_text()
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
@@ -245,3 +248,189 @@ def test_a_submitit_slurm_sweep_of_two_configurations_completes(cluster, tmp_pat
         derived = yaml.safe_load((sweep_dir / str(number) / "derived.json").read_text())
         assert derived["world_size"] == 2
         assert [row["step"] for row in train_rows(sweep_dir / str(number))] == [1, 2, 3, 4]
+
+
+# -- dlm slurm pipeline ----------------------------------------------------------------------------
+PIPELINE = [
+    "model=tiny",
+    "data.seq_len=64",
+    "train.steps=6",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.every=3",
+    "eval.samples=0",
+    "cluster.tasks_per_node=2",
+    "cluster.cpus_per_task=1",
+    "cluster.exit_wait_seconds=10",
+    "pipeline.cpus=1",
+    "pipeline.vocab_size=512",
+    "pipeline.samples_per_shard=16",
+    "pipeline.eval_fraction=0.2",
+    "pipeline.eval_args=['eval.batches=2']",
+    *QUIET,
+]
+
+
+def corpus(directory: Path, files: int = 4) -> tuple[Path, int]:
+    """A few standard-library modules (~50 kB) as .jsonl documents of 1500 characters: enough
+    documents for every split and partition. Returns the directory and the document count."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    directory.mkdir(parents=True)
+    documents = 0
+    for name in ("fnmatch", "glob", "heapq", "shlex")[:files]:
+        text = (stdlib / f"{name}.py").read_text()
+        chunks = [text[i : i + 1500] for i in range(0, len(text), 1500)]
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks))
+        documents += len(chunks)
+    return directory, documents
+
+
+def dlm_slurm(cluster, *args: str) -> subprocess.CompletedProcess:
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pretrain.cli", "slurm", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def pipeline_jobs(run_dir: Path) -> dict[str, int]:
+    jobs = json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
+    return {job["stage"]: int(job["job"]) for job in jobs}
+
+
+def test_pipeline_dry_run_renders_every_stage_and_refuses_bad_keys(tmp_path, capsys, monkeypatch):
+    """No cluster needed: the scripts of the chain, an array over the partitions, and the
+    pipeline keys checked before anything is written (in-process: nothing is submitted)."""
+    from pretrain import cli
+
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "sbatch").write_text("#!/bin/sh\ntouch " + str(tmp_path / "submitted") + "\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    run_dir = tmp_path / "run"
+    base = ["slurm", "pipeline", "--dry-run", *PIPELINE, f"run.dir={run_dir}"]
+    assert cli.main([*base, "pipeline.partitions=3", "pipeline.input=[stdlib]"]) == 0, capsys.readouterr().err
+    names = sorted(p.stem for p in (run_dir / "slurm").glob("*.sbatch"))
+    assert names == ["eval", "export", "merge", "prepare", "tokenizer", "train"]
+    prepare = (run_dir / "slurm" / "prepare.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in prepare and 'partitions=3 partition="$SLURM_ARRAY_TASK_ID"' in prepare
+    train = (run_dir / "slurm" / "train.sbatch").read_text()
+    assert f"'data.sources=[{{path:{run_dir}/data,weight:1.0}}]'" in train and "--requeue" in train
+    assert not (tmp_path / "submitted").exists() and not (run_dir / "slurm" / "jobs.json").exists()
+    for bad, key in (
+        ("pipeline.stages=[train,tokenizer]", "pipeline.stages"),
+        ("pipeline.stages=[tokenizer,prepare,fit]", "pipeline.stages"),
+        ("pipeline.partitions=0", "pipeline.partitions"),
+        ("pipeline.tokenizer=/x/tok.json", "pipeline.tokenizer"),
+        ("pipeline.input=[]", "pipeline.input"),
+    ):
+        capsys.readouterr()
+        assert cli.main([*base, "pipeline.input=[stdlib]", bad]) == 2, bad
+        assert key in capsys.readouterr().err, bad
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_to_a_model_transformers_loads(cluster, tmp_path):
+    import transformers
+
+    run_dir = tmp_path / "run"
+    text, documents = corpus(tmp_path / "corpus")
+    proc = dlm_slurm(
+        cluster,
+        "pipeline",
+        *PIPELINE,
+        "pipeline.partitions=2",
+        f"pipeline.input=[{text}]",
+        f"run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = pipeline_jobs(run_dir)
+    assert list(jobs) == ["tokenizer", "prepare", "merge", "train", "eval", "export"]
+    state = cluster.wait(jobs["export"], timeout=420)
+    status = dlm_slurm(cluster, "status", str(run_dir))
+    assert state == "COMPLETED", status.stdout + cluster.logs()
+    assert status.returncode == 0 and "all stages completed" in status.stdout, status.stdout
+    assert "2 completed" in status.stdout  # the prepare array's tasks
+
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert manifest["config"]["partitions"] == 2 and manifest["splits"]["eval"]["samples"] > 0
+    assert manifest["documents_read"] == documents == manifest["documents_written"]
+    assert [row["step"] for row in train_rows(run_dir)] == list(range(1, 7))
+    assert json.loads((run_dir / "eval" / "eval.json").read_text())["eval_nll"] > 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
+    ids = tokenizer("def heappush(heap, item):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+
+    # a stage again, alone: idempotent
+    again = cluster.sbatch(run_dir / "slurm" / "merge.sbatch")
+    assert cluster.wait(again, timeout=120) == "COMPLETED"
+    assert "up to date" in (run_dir / "slurm" / f"merge-{again}.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_stage_cancels_the_later_ones_and_status_names_it(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    text, _ = corpus(tmp_path / "corpus")
+    (text / "zz-broken.jsonl").write_bytes(b'{"text": "fine"}\n{"text": \n')  # the last partition's file
+    args = ["pipeline.partitions=2", f"pipeline.input=[{text}]", "pipeline.prepare_args=['on_error=fail']"]
+    proc = dlm_slurm(cluster, "pipeline", *PIPELINE, *args, f"run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = pipeline_jobs(run_dir)
+    for stage in ("merge", "train", "eval", "export"):
+        assert cluster.wait(jobs[stage], timeout=240) == "CANCELLED", stage  # not left pending
+    assert cluster.job_info(jobs["tokenizer"])["JobState"] == "COMPLETED"
+    status = dlm_slurm(cluster, "status", str(run_dir))
+    assert status.returncode == 1, status.stdout
+    assert "FAILED at stage prepare" in status.stdout and "1 completed, 1 failed" in status.stdout, (
+        status.stdout
+    )
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_status_falls_back_to_the_outcomes_the_jobs_recorded(tmp_path):
+    """Once slurmctld has forgotten the jobs and there is no accounting (scontrol and sacct
+    fail), the status comes from the records slurm/launch.sh wrote."""
+    from pretrain.slurm import record_jobs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm").mkdir(parents=True)
+    record_jobs(
+        run_dir,
+        [
+            {"stage": "tokenizer", "job": "11", "script": "t.sbatch", "log": "tokenizer-11.log", "tasks": 1},
+            {
+                "stage": "prepare",
+                "job": "12",
+                "script": "p.sbatch",
+                "log": "prepare-12_<task>.log",
+                "tasks": 2,
+            },
+            {"stage": "merge", "job": "15", "script": "m.sbatch", "log": "merge-15.log", "tasks": 1},
+        ],
+    )
+    records = {
+        "tokenizer": {"job": "11", "array_job": "", "outcome": "done", "exit": 0},
+        "tokenizer-0": {"job": "7", "array_job": "", "outcome": "failed", "exit": 1},  # an older submission
+        "prepare-0": {"job": "13", "array_job": "12", "outcome": "done", "exit": 0},
+        "prepare-1": {"job": "14", "array_job": "12", "outcome": "failed", "exit": 1},
+    }
+    for name, record in records.items():
+        (run_dir / "slurm" / f"status-{name}.json").write_text(json.dumps(record))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).write_text(
+            "#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n"
+        )
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "pretrain.cli", "slurm", "status", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line.split()[2] for line in proc.stdout.splitlines()[2:5]}
+    assert rows == {"tokenizer": "COMPLETED", "prepare": "FAILED", "merge": "UNKNOWN"}, proc.stdout
+    assert "1 completed, 1 failed" in proc.stdout and "FAILED at stage prepare (job 12" in proc.stdout
+    nothing = subprocess.run([*cmd[:-1], str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert nothing.returncode == 2 and "no submission recorded" in nothing.stdout
