@@ -23,9 +23,12 @@ setup(
         "transformers==5.23.0",
         "safetensors==0.8.0",
         "matplotlib==3.11.2",  # dlm report (Agg backend, no display)
+        # input formats of data/sources.py: .parquet and .arrow (datasets save_to_disk), .zst
+        "pyarrow==26.0.1",
+        "zstandard==0.25.0",
         "numpy>=1.26",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6"]},
+    extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6", "datasets==5.2.0"]},  # datasets: test inputs
     entry_points={"console_scripts": ["dlm=pretrain.cli:main"]},
 )

@@ -18,8 +18,11 @@ class TokenizerConfig:
     name: str = "tokenizer"  # file stem: <output>/<name>.model, <name>.report.json
     vocab_size: int = 8000  # vocabulary size, special and spare tokens included
     model_type: str = "bpe"  # bpe | unigram
-    jsonl_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    jsonl_field: str = "text"  # text field of every record format: .jsonl(.gz/.zst/.xz), .parquet, .arrow
     on_error: str = "skip"  # on a bad document: skip (counted) | fail
+    filter_field: str | None = None  # keep only records whose numeric field is in [filter_min, filter_max]
+    filter_min: float | None = None  # lower bound (inclusive) of filter_field; None: open
+    filter_max: float | None = None  # upper bound (inclusive) of filter_field; None: open
     max_sentences: int = 1_000_000  # cap on sampled sentences (sentencepiece input_sentence_size)
     max_sentence_length: int = 8192  # longest sentence in bytes; longer lines are cut
     spare_tokens: int = 8  # reserved <extra_i> ids after pad/bos/eos/mask
@@ -36,8 +39,11 @@ class PrepareConfig:
     # (e.g. <import>/tokenizer/ of `dlm import-hf`); special ids from its tokenizer_config.json
     tokenizer: str = MISSING
     seq_len: int = 2048  # tokens per packed sample (data.seq_len of the runs that read them)
-    jsonl_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    jsonl_field: str = "text"  # text field of every record format: .jsonl(.gz/.zst/.xz), .parquet, .arrow
     on_error: str = "skip"  # on a bad document: skip (counted) | fail
+    filter_field: str | None = None  # keep only records whose numeric field is in [filter_min, filter_max]
+    filter_min: float | None = None  # lower bound (inclusive) of filter_field; None: open
+    filter_max: float | None = None  # upper bound (inclusive) of filter_field; None: open
     workers: int = 2  # tokenizer processes
     chunk_chars: int = 100_000  # documents are cut into pieces this long before encoding
     samples_per_shard: int = 4096  # samples per .tar shard

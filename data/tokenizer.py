@@ -466,7 +466,14 @@ def train_tokenizer(cfg: TokenizerConfig) -> tuple[Path, dict]:
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    reader = DocumentReader(cfg.input, jsonl_field=cfg.jsonl_field, on_error=cfg.on_error)
+    reader = DocumentReader(
+        cfg.input,
+        jsonl_field=cfg.jsonl_field,
+        on_error=cfg.on_error,
+        filter_field=cfg.filter_field,
+        filter_min=cfg.filter_min,
+        filter_max=cfg.filter_max,
+    )
     spares = [f"<extra_{i}>" for i in range(cfg.spare_tokens)]
     start = time.perf_counter()
     spm.set_random_generator_seed(cfg.seed)  # which sentences the sampling cap keeps

@@ -1,12 +1,16 @@
 """DocumentReader: every kind of bad input is counted under its reason and named by
-file[:line] (or, with on_error=fail, stops reading with InputError naming it), gzip'd
-inputs are read, inputs resolve from files, directories, globs and embedded corpora,
-and documents come in a stable order."""
+file[:line | :row N] (or, with on_error=fail, stops reading with InputError naming it);
+gzip, zstd and xz inputs, parquet, Arrow IPC and `datasets` save_to_disk directories are
+read, big ones in bounded memory; the numeric filter; inputs resolve from files,
+directories, globs and embedded corpora, each file once; documents come in a stable order."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
+import random
 import sysconfig
 import zlib
 from pathlib import Path
@@ -14,11 +18,14 @@ from pathlib import Path
 import pytest
 
 from data.sources import (
+    FILTERED_EXAMPLES,
     MAX_EXAMPLES,
+    ON_ERROR,
     Document,
     DocumentReader,
     InputError,
     manpage_files,
+    resolve_arguments,
     resolve_inputs,
     stdlib_files,
 )
@@ -222,7 +229,8 @@ def test_resolution_of_files_dirs_globs(tmp_path):
         str(tmp_path / "g" / "y.txt"),
         f"{tmp_path}/**/e.md",
     ]
-    files = resolve_inputs(inputs)
+    duplicates: list[Path] = []
+    files = resolve_inputs(inputs, duplicates)
     assert [p.relative_to(tmp_path).as_posix() for p in files] == [
         "g/x1.md",  # glob, sorted
         "g/x2.md",
@@ -231,8 +239,9 @@ def test_resolution_of_files_dirs_globs(tmp_path):
         "d/sub/c.txt",
         "d/sub/deeper/e.md",
         "g/y.txt",  # a file; inputs keep their order
-        "d/sub/deeper/e.md",  # recursive glob
     ]
+    assert duplicates == [tmp_path / "d/sub/deeper/e.md"]  # the recursive glob reaches it again
+    assert resolve_inputs(inputs) == files  # the duplicates list is optional
     assert [d.text for d in DocumentReader(inputs)] == [p.relative_to(tmp_path).as_posix() for p in files]
 
 
@@ -292,3 +301,492 @@ def test_bad_on_error_value_and_document_place(tmp_path):
         DocumentReader(["stdlib"], on_error="ignore")
     assert Document("t", "f.jsonl", 3).where == "f.jsonl:3"
     assert Document("t", "f.txt").where == "f.txt"
+
+
+# -- duplicates --------------------------------------------------------------------------------------------
+def test_a_file_reached_twice_is_read_once_and_reported(tmp_path):
+    for name in ["c/a.txt", "c/b.txt", "c/sub/d.txt"]:
+        _write(tmp_path, name, name)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "c" / "b.txt")
+    inputs = [
+        f"{tmp_path}/c/*.txt",  # a.txt, b.txt
+        str(tmp_path / "c"),  # a.txt, b.txt again, sub/d.txt
+        f"{tmp_path}/c/./sub/d.txt",  # d.txt again, spelled otherwise
+        str(tmp_path / "link.txt"),  # b.txt again, through a link
+    ]
+    reader = DocumentReader(inputs)
+    assert [d.text for d in reader] == ["c/a.txt", "c/b.txt", "c/sub/d.txt"]
+    assert reader.duplicates == [
+        tmp_path / "c/a.txt",
+        tmp_path / "c/b.txt",
+        tmp_path / "c/sub/d.txt",
+        tmp_path / "link.txt",
+    ]
+    assert reader.stats.files == 3 and reader.stats.documents_read == 3
+    assert [(i, p.name) for i, p in resolve_arguments(inputs)] == [(0, "a.txt"), (0, "b.txt"), (1, "d.txt")]
+
+
+# -- parquet -----------------------------------------------------------------------------------------------
+def _parquet(path: Path, columns: dict, **options) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, **options)
+    return path
+
+
+PARQUET_TEXTS = [f"parquet row {i} " + "text " * (i % 5) for i in range(3000)]
+
+
+def _rows_where(path: Path, rows) -> list[str]:
+    return [f"{path}:row {r}" for r in rows]
+
+
+def test_parquet_rows_are_read_and_bad_values_named_by_row(tmp_path):
+    texts = ["first", None, "", " \n ", "last ünïcödé"]
+    good = _parquet(tmp_path / "a.parquet", {"text": texts, "other": [1, 2, 3, 4, 5]}, row_group_size=2)
+    ints = _parquet(tmp_path / "b.parquet", {"text": [7, 8]})
+    reader = DocumentReader([str(good), str(ints)], batch_rows=1)
+    assert [(d.where, d.text, d.row) for d in reader] == [
+        (f"{good}:row 0", "first", 0),
+        (f"{good}:row 4", "last ünïcödé", 4),
+    ]
+    stats = reader.stats
+    assert stats.documents_skipped == {"missing_field": 1, "empty_document": 2, "invalid_field_type": 2}
+    assert stats.skipped_examples == [
+        f"{good}:row 1: missing_field (no 'text')",  # a null
+        f"{good}:row 2: empty_document",
+        f"{good}:row 3: empty_document",
+        f"{ints}:row 0: invalid_field_type ('text' is int)",
+        f"{ints}:row 1: invalid_field_type ('text' is int)",
+    ]
+    assert stats.documents_read == 7 and stats.reconciles and stats.files == 2
+    assert stats.bytes_read == len("first") + len(" \n ") + len("last ünïcödé".encode())
+
+
+def test_parquet_over_row_groups_and_batches(tmp_path):
+    path = _parquet(tmp_path / "many.parquet", {"text": PARQUET_TEXTS}, row_group_size=1000)
+    reader = DocumentReader([str(path)], batch_rows=300)
+    docs = list(reader)
+    assert [d.text for d in docs] == PARQUET_TEXTS
+    assert [d.row for d in docs] == list(range(3000))
+    assert reader.stats.bytes_read == sum(len(t) for t in PARQUET_TEXTS) and reader.stats.reconciles
+
+
+def _corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrite 16 bytes in the middle of row group `group`'s text column chunk."""
+    import pyarrow.parquet as pq
+
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 16] = b"\xab" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["page_checksums", "no_checksums"])
+def test_corrupt_parquet_row_group_is_one_unit(tmp_path, checksums):
+    path = _parquet(
+        tmp_path / "c.parquet", {"text": PARQUET_TEXTS}, row_group_size=1000, write_page_checksum=checksums
+    )
+    _corrupt_row_group(path, 1)
+    reader = DocumentReader([str(path)], batch_rows=256)
+    rows = [d.row for d in reader]
+    assert rows == [*range(1000), *range(2000, 3000)]  # the groups before and after are read
+    assert reader.stats.documents_skipped == {"corrupt_row_group": 1}
+    (example,) = reader.stats.skipped_examples
+    assert example.startswith(f"{path}:row group 1: corrupt_row_group (rows 1000-1999 unread: ")
+    assert reader.stats.documents_read == 2001 and reader.stats.reconciles
+    with pytest.raises(InputError, match=r"c\.parquet:row group 1: corrupt_row_group \(rows 1000-1999"):
+        list(DocumentReader([str(path)], batch_rows=256, on_error="fail"))
+
+
+def test_truncated_parquet_is_unreadable(tmp_path):
+    path = _parquet(tmp_path / "t.parquet", {"text": PARQUET_TEXTS}, row_group_size=1000)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _write(tmp_path, "u.txt", "after")
+    reader = DocumentReader([str(path), str(tmp_path / "u.txt")])
+    assert [d.text for d in reader] == ["after"]
+    assert reader.stats.documents_skipped == {"unreadable_file": 1}
+    assert reader.stats.skipped_examples[0].startswith(f"{path}: unreadable_file (")
+    assert reader.stats.reconciles
+    with pytest.raises(InputError, match=r"t\.parquet: unreadable_file"):
+        list(DocumentReader([str(path)], on_error="fail"))
+
+
+def test_a_wrong_field_name_is_missing_in_every_record(tmp_path):
+    jsonl = _write(tmp_path, "a.jsonl", _jsonl({"text": "x"}, {"text": "y"}))
+    parquet = _parquet(tmp_path / "b.parquet", {"text": ["x", "y", "z"]})
+    reader = DocumentReader([str(jsonl), str(parquet)], jsonl_field="body")
+    assert list(reader) == []
+    assert reader.stats.documents_skipped == {"missing_field": 5}
+    assert reader.stats.skipped_examples == [
+        f"{jsonl}:1: missing_field (no 'body')",
+        f"{jsonl}:2: missing_field (no 'body')",
+        *(f"{w}: missing_field (no 'body')" for w in _rows_where(parquet, range(3))),
+    ]
+    with pytest.raises(InputError, match=r"b\.parquet:row 0: missing_field \(no 'body'\)"):
+        list(DocumentReader([str(parquet)], jsonl_field="body", on_error="fail"))
+
+
+# -- the numeric filter ------------------------------------------------------------------------------------
+SCORES = [0.9, 0.1, None, 0.5, 2.0, float("nan"), 1]  # kept: 0.9, 0.5, 1 within [0.5, 1]
+
+
+def test_filter_keeps_records_within_bounds(tmp_path):
+    parquet = _parquet(tmp_path / "a.parquet", {"text": [f"p{i}" for i in range(7)], "score": SCORES})
+    records = [{"text": f"j{i}", "score": s} for i, s in enumerate(SCORES) if s is not None]
+    records.insert(2, {"text": "j2"})  # no score at all
+    records += [{"text": "j7", "score": "0.9"}, {"text": "j8", "score": True}, {"text": 5, "score": 0.1}]
+    jsonl = _write(tmp_path, "b.jsonl", "".join(json.dumps(r) + "\n" for r in records))  # NaN as NaN
+    for on_error in ON_ERROR:  # filtering is not an error: on_error=fail counts it too
+        reader = DocumentReader(
+            [str(parquet), str(jsonl)], filter_field="score", filter_min=0.5, filter_max=1, on_error=on_error
+        )
+        assert [d.text for d in reader] == ["p0", "p3", "p6", "j0", "j3", "j6"]
+        assert reader.stats.documents_skipped == {"filtered": 4 + 7} and reader.stats.reconciles
+    examples = {}
+    for path in (parquet, jsonl):
+        reader = DocumentReader([str(path)], filter_field="score", filter_min=0.5, filter_max=1)
+        assert len(list(reader)) == 3
+        examples[path] = reader.stats.skipped_examples
+    assert examples[parquet] == [
+        f"{parquet}:row 1: filtered (score=0.1 < filter_min=0.5)",
+        f"{parquet}:row 2: filtered (no 'score')",
+        f"{parquet}:row 4: filtered (score=2.0 > filter_max=1)",
+        f"{parquet}:row 5: filtered ('score' is nan)",
+    ]
+    assert examples[jsonl] == [
+        f"{jsonl}:2: filtered (score=0.1 < filter_min=0.5)",
+        f"{jsonl}:3: filtered (no 'score')",
+        f"{jsonl}:5: filtered (score=2.0 > filter_max=1)",
+        f"{jsonl}:6: filtered ('score' is nan)",
+        f"{jsonl}:8: filtered ('score' is '0.9')",
+        f"{jsonl}:9: filtered ('score' is True)",
+        f"{jsonl}:10: filtered (score=0.1 < filter_min=0.5)",  # filtered before its bad text
+    ]
+
+
+def test_filtered_examples_leave_room_for_bad_input(tmp_path):
+    records = [{"text": f"r{i}", "score": 0} for i in range(MAX_EXAMPLES + 5)] + [{"score": 1}]
+    path = _write(tmp_path, "a.jsonl", _jsonl(*records))
+    reader = DocumentReader([str(path)], filter_field="score", filter_min=1)
+    assert list(reader) == []
+    assert reader.stats.documents_skipped == {"filtered": MAX_EXAMPLES + 5, "missing_field": 1}
+    assert len(reader.stats.skipped_examples) == FILTERED_EXAMPLES + 1
+    assert reader.stats.skipped_examples[-1] == f"{path}:{MAX_EXAMPLES + 6}: missing_field (no 'text')"
+
+
+def test_filter_with_one_bound_or_none_and_bad_options(tmp_path):
+    parquet = _parquet(tmp_path / "a.parquet", {"text": [f"p{i}" for i in range(7)], "score": SCORES})
+    only_min = DocumentReader([str(parquet)], filter_field="score", filter_min=0.9)
+    assert [d.text for d in only_min] == ["p0", "p4", "p6"]
+    present = DocumentReader([str(parquet)], filter_field="score")  # any number
+    assert [d.text for d in present] == ["p0", "p1", "p3", "p4", "p6"]
+    absent = DocumentReader([str(parquet)], filter_field="quality", filter_max=1.0)
+    assert list(absent) == [] and absent.stats.documents_skipped == {"filtered": 7}
+    with pytest.raises(ValueError, match="need a filter_field"):
+        DocumentReader([str(parquet)], filter_min=0.5)
+    with pytest.raises(ValueError, match="filter_min=2 > filter_max=1"):
+        DocumentReader([str(parquet)], filter_field="score", filter_min=2, filter_max=1)
+
+
+# -- zstd and xz -------------------------------------------------------------------------------------------
+JSONL_RECORDS = _jsonl(*({"text": t} for t in RECORDS)).encode()
+
+
+def _zstd(data: bytes, **options) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(**options).compress(data)
+
+
+def test_zstd_and_xz_inputs_are_read(tmp_path):
+    import lzma
+
+    half = len(JSONL_RECORDS) // 2
+    cut = JSONL_RECORDS.index(b"\n", half) + 1
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    frames = _zstd(JSONL_RECORDS[:cut]) + skippable + _zstd(JSONL_RECORDS[cut:], write_checksum=True)
+    text = "zstd'd text ünïcödé\n" * 40
+    _write(tmp_path, "a.jsonl.zst", frames)
+    _write(tmp_path, "b.txt.zst", _zstd(text.encode(), write_content_size=False))
+    _write(tmp_path, "c.jsonl.xz", lzma.compress(JSONL_RECORDS))
+    _write(tmp_path, "d.TXT.XZ", lzma.compress(b"xz text") + lzma.compress(b", two streams"))
+    _write(tmp_path, "e.log.zst", _zstd(b"any other name is text"))
+    reader = DocumentReader([str(tmp_path)])
+    docs = {d.where: d.text for d in reader}
+    assert [docs[f"{tmp_path}/a.jsonl.zst:{i + 1}"] for i in range(len(RECORDS))] == RECORDS
+    assert [docs[f"{tmp_path}/c.jsonl.xz:{i + 1}"] for i in range(len(RECORDS))] == RECORDS
+    assert docs[f"{tmp_path}/b.txt.zst"] == text
+    assert docs[f"{tmp_path}/d.TXT.XZ"] == "xz text, two streams"
+    assert docs[f"{tmp_path}/e.log.zst"] == "any other name is text"
+    assert reader.stats.documents_skipped == {} and reader.stats.documents_yielded == 2 * len(RECORDS) + 3
+    decompressed = 2 * len(JSONL_RECORDS) + len(text.encode()) + len("xz text, two streams") + 22
+    assert reader.stats.bytes_read == decompressed
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.xz"])
+def test_truncated_jsonl_stream_keeps_what_was_decoded(tmp_path, suffix):
+    import lzma
+
+    compress = _zstd if suffix.endswith("zst") else lzma.compress
+    noise = random.Random(0)
+    lines = _jsonl(*({"text": f"record {i}: {noise.randbytes(32).hex()}"} for i in range(8000)))
+    whole = compress(lines.encode())  # many blocks
+    path = _write(tmp_path, "r" + suffix, whole[: len(whole) // 2])
+    reader = DocumentReader([str(path)])
+    docs = [d.line for d in reader]
+    held = len(docs)
+    assert 0 < held < 8000 and docs == list(range(1, held + 1))
+    assert reader.stats.documents_skipped == {"truncated_stream": 1}
+    (example,) = reader.stats.skipped_examples
+    assert example.startswith(f"{path}:{held + 1}: truncated_stream (EOFError: ")
+    assert reader.stats.documents_read == held + 1 and reader.stats.reconciles
+    with pytest.raises(InputError, match=rf"r\{suffix}:{held + 1}: truncated_stream"):
+        list(DocumentReader([str(path)], on_error="fail"))
+
+
+@pytest.mark.parametrize("suffix", [".txt.xz", ".txt.zst"])
+def test_truncated_text_stream_is_one_unit(tmp_path, suffix):
+    import lzma
+
+    compress = _zstd if suffix.endswith("zst") else lzma.compress
+    text = "".join(f"line {i} of a long text document\n" for i in range(50_000)).encode()
+    whole = compress(text)
+    path = _write(tmp_path, "t" + suffix, whole[: len(whole) // 2])
+    reader = DocumentReader([str(path)])
+    assert list(reader) == []
+    assert reader.stats.documents_skipped == {"truncated_stream": 1} and reader.stats.reconciles
+    (example,) = reader.stats.skipped_examples
+    line = int(example.split("at line ")[1].split(":")[0])
+    assert example.startswith(f"{path}: truncated_stream (at line ") and 0 < line < 50_000
+    with pytest.raises(InputError, match=rf"t\{suffix}: truncated_stream \(at line {line}: EOFError"):
+        list(DocumentReader([str(path)], on_error="fail"))
+
+
+@pytest.mark.parametrize("name", ["g.jsonl.zst", "g.jsonl.xz", "g.txt.zst", "g.txt.xz"])
+def test_not_compressed_after_all_is_unreadable(tmp_path, name):
+    path = _write(tmp_path, name, b"plain text, not compressed\n")
+    reader = DocumentReader([str(path)])
+    assert list(reader) == []
+    assert reader.stats.documents_skipped == {"unreadable_file": 1} and reader.stats.reconciles
+    where = f"{path}:1" if ".jsonl" in name else str(path)
+    assert reader.stats.skipped_examples[0].startswith(f"{where}: unreadable_file")
+
+
+def test_zstd_truncation_is_detected_at_every_cut(tmp_path):
+    """zstandard's stream_reader ends quietly on a truncated file: the frame walk must see
+    every cut (every 7th byte, and all around the frame boundaries) but those between
+    frames, which leave valid zstd data."""
+    import zstandard
+
+    from data.sources import zstd_frames_complete
+
+    raw = (
+        random.Random(0).randbytes(140_000) + b"x" * 300_000 + bytes(range(256)) * 64
+    )  # raw, RLE, compressed
+    written = io.BytesIO()
+    with zstandard.ZstdCompressor(write_checksum=True).stream_writer(written, closefd=False) as w:
+        w.write(b"no content size, a checksum" * 100)
+    skippable = (0x184D2A5F).to_bytes(4, "little") + (2).to_bytes(4, "little") + b"zz"
+    frames = [_zstd(raw), skippable, written.getvalue(), _zstd(b"", write_dict_id=False)]
+    data = b"".join(frames)
+    boundaries = {sum(len(f) for f in frames[:i]) for i in range(len(frames) + 1)}
+    around = {b + offset for b in boundaries for offset in range(-20, 21)}
+    cuts = sorted({c for c in around if 0 <= c <= len(data)} | set(range(0, len(data), 7)), reverse=True)
+    path = _write(tmp_path, "f.zst", data)
+    with open(path, "r+b") as f:
+        for cut in cuts:
+            os.ftruncate(f.fileno(), cut)
+            assert zstd_frames_complete(f.fileno()) == (cut in boundaries), cut
+
+
+# -- Arrow and Hugging Face datasets directories -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_datasets(tmp_path_factory) -> Path:
+    """save_to_disk of a Dataset in 3 shards and of a DatasetDict (train, then test)."""
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    root = tmp_path_factory.mktemp("hf")
+    texts = [f"dataset row {i}" for i in range(9)]
+    texts[4] = None
+    one = datasets.Dataset.from_dict({"text": texts, "score": [float(i) for i in range(9)]})
+    one.save_to_disk(str(root / "one"), num_shards=3)
+    split = {
+        "train": datasets.Dataset.from_dict({"text": ["train 0", "train 1"]}),
+        "test": datasets.Dataset.from_dict({"text": ["test 0", ""]}),
+    }
+    datasets.DatasetDict(split).save_to_disk(str(root / "dict"))
+    return root
+
+
+def test_datasets_directory_is_read_in_state_order(hf_datasets):
+    one = hf_datasets / "one"
+    assert sorted(p.name for p in one.iterdir()) == [
+        "data-00000-of-00003.arrow",
+        "data-00001-of-00003.arrow",
+        "data-00002-of-00003.arrow",
+        "dataset_info.json",
+        "state.json",
+    ]
+    reader = DocumentReader([str(one)], filter_field="score", filter_max=7)
+    docs = [(d.where, d.text) for d in reader]
+    shard = [f"{one}/data-0000{i}-of-00003.arrow" for i in range(3)]
+    assert docs == [
+        *((f"{shard[0]}:row {i}", f"dataset row {i}") for i in range(3)),
+        (f"{shard[1]}:row 0", "dataset row 3"),
+        (f"{shard[1]}:row 2", "dataset row 5"),
+        *((f"{shard[2]}:row {i}", f"dataset row {6 + i}") for i in range(2)),
+    ]
+    assert reader.stats.skipped_examples == [
+        f"{shard[1]}:row 1: missing_field (no 'text')",
+        f"{shard[2]}:row 2: filtered (score=8.0 > filter_max=7)",
+    ]
+    assert reader.files == [Path(s) for s in shard] and reader.stats.reconciles
+
+
+def test_state_json_order_and_datasets_dict_splits(hf_datasets, tmp_path):
+    import shutil
+
+    one = Path(shutil.copytree(hf_datasets / "one", tmp_path / "one"))
+    state = json.loads((one / "state.json").read_text())
+    state["_data_files"].reverse()
+    (one / "state.json").write_text(json.dumps(state))
+    assert [p.name[:10] for p in resolve_inputs([str(one)])] == ["data-00002", "data-00001", "data-00000"]
+    dd = hf_datasets / "dict"
+    assert json.loads((dd / "dataset_dict.json").read_text()) == {"splits": ["train", "test"]}
+    reader = DocumentReader([str(dd)])
+    assert [(d.where.removeprefix(f"{dd}/"), d.text) for d in reader] == [
+        ("train/data-00000-of-00001.arrow:row 0", "train 0"),
+        ("train/data-00000-of-00001.arrow:row 1", "train 1"),
+        ("test/data-00000-of-00001.arrow:row 0", "test 0"),
+    ]
+    assert reader.stats.skipped_examples == [f"{dd}/test/data-00000-of-00001.arrow:row 1: empty_document"]
+
+
+def test_datasets_directories_inside_a_directory_or_a_glob(hf_datasets):
+    with_file = hf_datasets / "zz_notes.txt"
+    _write(hf_datasets, "zz_notes.txt", "a plain file beside the datasets")
+    try:
+        files = [p.relative_to(hf_datasets).as_posix() for p in resolve_inputs([str(hf_datasets)])]
+        assert files == [
+            "dict/train/data-00000-of-00001.arrow",
+            "dict/test/data-00000-of-00001.arrow",
+            *(f"one/data-0000{i}-of-00003.arrow" for i in range(3)),
+            "zz_notes.txt",
+        ]  # no metadata .json read as a document
+        globbed = resolve_inputs([f"{hf_datasets}/*"])
+        assert [p.relative_to(hf_datasets).as_posix() for p in globbed] == files
+    finally:
+        with_file.unlink()
+
+
+def test_broken_datasets_metadata_is_an_error_naming_it(tmp_path):
+    _write(tmp_path, "dd/dataset_dict.json", json.dumps({"splits": ["train"]}))
+    with pytest.raises(ValueError, match=r"dd/train: a split of .*dd/dataset_dict\.json is not a datasets"):
+        resolve_inputs([str(tmp_path / "dd")])
+    _write(tmp_path, "ds/state.json", "{not json")
+    _write(tmp_path, "ds/dataset_info.json", "{}")
+    with pytest.raises(ValueError, match=r"ds/state\.json: not a datasets metadata file \(JSONDecodeError"):
+        resolve_inputs([f"{tmp_path}/ds*"])  # a glob reaching it
+    _write(tmp_path, "ds/state.json", json.dumps({"_data_files": [{"filename": "gone.arrow"}]}))
+    reader = DocumentReader([str(tmp_path / "ds")])  # a listed file that is missing: reported, not ignored
+    assert list(reader) == [] and reader.stats.documents_skipped == {"unreadable_file": 1}
+
+
+def test_broken_arrow_streams(hf_datasets, tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"text": [f"ipc row {i}" for i in range(1000)]})
+    stream = tmp_path / "s.arrow"
+    with pa.ipc.new_stream(stream, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=100):
+            w.write_batch(batch)
+    whole = stream.read_bytes()
+    stream.write_bytes(whole[: len(whole) // 2])
+    file_format = tmp_path / "f.arrow"
+    with pa.ipc.new_file(file_format, table.schema) as w:
+        w.write_table(table)
+    garbage = _write(tmp_path, "g.arrow", b"not arrow at all")
+    reader = DocumentReader([str(stream), str(file_format), str(garbage)])
+    docs = [d.where for d in reader]
+    held = sum(1 for w in docs if w.startswith(str(stream)))
+    assert 0 < held < 1000 and held % 100 == 0  # whole batches before the cut
+    assert len(docs) == held + 1000  # the IPC file format, whole
+    assert reader.stats.documents_skipped == {"truncated_stream": 1, "unreadable_file": 1}
+    assert [e.split(" (")[0] for e in reader.stats.skipped_examples] == [
+        f"{stream}:row {held}: truncated_stream",
+        f"{garbage}: unreadable_file",
+    ]
+    with pytest.raises(InputError, match=rf"s\.arrow:row {held}: truncated_stream"):
+        list(DocumentReader([str(stream)], on_error="fail"))
+
+
+# -- bounded memory ----------------------------------------------------------------------------------------
+PEAK_SCRIPT = """
+import sys
+from data.sources import DocumentReader
+import pyarrow, pyarrow.parquet, pyarrow.compute, zstandard
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+start = status("VmRSS:")
+next(iter(DocumentReader([sys.argv[1]])))  # one-time setup of pyarrow (thread pools, allocator)
+before = status("VmRSS:")
+reader = DocumentReader([sys.argv[1]])
+documents = sum(1 for _ in reader)
+print(documents, reader.stats.bytes_read, status("VmHWM:") - before, status("VmHWM:") - start)
+"""
+
+
+def _big_inputs(root: Path, total: int) -> tuple[int, Path, Path]:
+    """~`total` bytes of distinct documents of ~4 kB as .parquet and .jsonl.zst, made quickly
+    (each line's JSON from the escaped text of one of 4000 windows); and their number."""
+    import zstandard
+
+    base = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()[:8000]
+    windows = [base[i : i + 4000] for i in range(4000)]
+    count = total // 4000
+    texts = [f"document {i}: {windows[i % 4000]}" for i in range(count)]
+    parquet = _parquet(root / "big.parquet", {"text": texts}, compression="zstd", use_dictionary=False)
+    escaped = [json.dumps(w)[1:-1] for w in windows]
+    zst = root / "big.jsonl.zst"
+    with open(zst, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as w:
+        for start in range(0, count, 1000):
+            lines = (f'{{"text": "document {i}: {escaped[i % 4000]}"}}\n' for i in range(start, start + 1000))
+            w.write("".join(lines).encode())
+    return count, parquet, zst
+
+
+def test_big_inputs_are_streamed_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    count, parquet, zst = _big_inputs(tmp_path, 200_000_000)
+    made = time.perf_counter() - start
+    repo = Path(__file__).resolve().parents[2]
+    for path in (parquet, zst):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(path)],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        documents, size, growth, total = (int(x) for x in out.stdout.split())
+        print(
+            f"{path.name}: {path.stat().st_size / 1e6:.0f} MB on disk, {size / 1e6:.0f} MB of text, "
+            f"{documents:,} documents; peak RSS growth while reading {growth / 1e6:.1f} MB "
+            f"({total / 1e6:.1f} MB with the first batch's one-time setup)"
+        )
+        assert documents == count and size > 190_000_000
+        assert growth < size / 4 and total < size / 3
+    print(f"inputs made in {made:.1f} s")
