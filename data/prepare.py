@@ -23,9 +23,10 @@ Pipeline (the on-disk format is data/shards.py):
   character before its cut and the ids of that character alone are dropped. Tokenizers that
   cuts does not cover encode whole documents. EOS is appended to every document.
   The output does not depend on the number of workers or on the batching;
-- split: with eval_fraction > 0, document number `i` (0-based, among the documents the
-  reader yields) goes to eval when blake2b(f"{seed}:{i}") / 2**64 < eval_fraction
-  (`is_eval`): a hash, so resuming or reordering workers cannot change it;
+- split: with eval_fraction > 0, document number `d` (0-based, among the documents the
+  reader yields from its file) of input file number `f` (0-based, in the resolved list)
+  goes to eval when blake2b(f"{seed}:{f}:{d}") / 2**64 < eval_fraction (`is_eval`): a
+  hash, so neither resuming, the workers nor the partitioning below can change it;
 - pack: per split, the stream of the split's documents (each ending in EOS) is cut into
   consecutive samples of exactly seq_len tokens (segments: shards.segment_ids); the final
   tail shorter than seq_len is dropped and counted in `tokens_dropped`;
@@ -90,36 +91,38 @@ every rule above (resumable, atomic, 'up to date' on rerun, refusing a foreign d
 (the merge after the array job, e.g. `sbatch --dependency=afterok:<array job id>`: it
 prepares any part that is not complete itself, so it must not run while the tasks do).
 
-Within a part, document numbers restart at 0 and the hold-out hash is of
-f"{seed}:{i}/{N}:{ordinal}" (f"{seed}:{ordinal}" for partitions=1), so parts hold out
-independently. A part's config_hash adds partitions and partition to the fields above, its
-inputs_sha256 being that of its own files. `inputs_by` is decided from the total number of
-resolved files, so that the parts and the merge agree.
+A part's config_hash adds partitions and partition to the fields above, its inputs_sha256
+being that of its own files; its manifest also records its `tail` (the tokens of each split
+after its last full sample, in `tail.bin`, train then eval, with their sha256) and its
+skipped `examples` (the readers', those without ids). `inputs_by` is decided from the total
+number of resolved files, so that the parts and the merge agree.
 
 Without `partition` (and partitions > 1), the command prepares in this process, one after the
 other, every part that is not complete, then merges the parts into `<output>` itself. The
-merged config_hash covers partitions and the whole resolved list: it differs from that of
-partitions=1, rightly, since every part drops its own tail shorter than seq_len. The merge
+merged dataset is the one a partitions=1 run writes, byte for byte, whatever N (tested for
+1, 2 and 3): the same config and config_hash, shards and manifest. The merge
 
-- checks that every part's manifest has the config_hash that part would have now, and that
-  the parts agree on tokenizer sha256, seq_len and dtype (an error names the part);
-- rewrites, per split, every part's shards in part order as `<split>-<j:05d>.tar`, the keys
-  offset by the samples of that split in the earlier parts (read_shard + write_shard: keys
-  have a fixed width, so a rewritten shard has the size of its source): in the merged
-  dataset, every split's keys are 0..samples-1 in shard order;
-- sums the accounting (documents, tokens, samples, tokens_dropped, bytes_read; the skipped
-  examples are concatenated up to MAX_EXAMPLES; `inputs` concatenated per file, or summed
-  per input argument) and checks that it reconciles. Its manifest's `config` has
-  `partitions` (not `partition`), and `parts`: [{dir, config_hash, samples: {train, eval}}]
-  records the provenance.
+- checks that every part's manifest has the config_hash that part would have now, that its
+  tail file is there and matches, and that the parts agree on tokenizer sha256, seq_len and
+  dtype (an error names the part);
+- packs, per split, the token stream of the parts in order (each part's samples, then its
+  tail) into samples and shards exactly as one run does (`_Split`): the samples a part cut
+  short continue with the next part's tokens, only the final tail is dropped, and the keys
+  are 0..samples-1;
+- sums the accounting (documents, skipped per reason, bytes_read; the skipped examples in
+  one run's order; `inputs` concatenated per file, or summed per input argument) and checks
+  that it reconciles.
 
-The merge is restartable: `merge.state.json` (format "dlm-merge-state/1", config_hash,
-config) is written before the first shard; a rerun keeps every target shard that exists
-with the expected size; manifest.json is written last, then the state file removed. A
-manifest, state file or shards of another configuration in `<output>` are refused as above.
-Once the merged manifest is complete, every run of this configuration (the merge, or a
-`partition=i` task) prints 'up to date' and touches nothing, without reading the parts:
-`<output>/parts/` is kept but can then be deleted.
+The merge reads and writes every token once (I/O bound; the tokenization, the expensive
+part, is in the array tasks). It is restartable: `merge.state.json` (format
+"dlm-merge-state/1", config_hash, config, partitions) is written before the first shard; a
+rerun merges again from the start (every shard is written atomically, so no half shard is
+ever visible); manifest.json is written last, then the state file removed. A manifest,
+state file or shards of another configuration in `<output>` are refused as above; a
+partitions=1 run into a directory with an unfinished merge is told to finish the merge.
+Once the manifest is complete, every run of this configuration (partitions=1, the merge,
+or a `partition=i` task) prints 'up to date' and touches nothing, without reading the
+parts: `<output>/parts/` is kept but can then be deleted.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,35 +151,45 @@ from data.shards import (
     ShardLocation,
     read_shard,
     segment_ids,
-    sha256_file,
     shard_name,
     token_dtype,
     write_shard,
 )
-from data.sources import EMBEDDED, MAX_EXAMPLES, ON_ERROR, DocumentReader, resolve_inputs
+from data.sources import EMBEDDED, MAX_EXAMPLES, ON_ERROR, DocumentReader, resolve_arguments
 from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
-PREPARE_VERSION = 2  # bump when a code change alters the bytes written for the same config
+PREPARE_VERSION = 3  # bump when a code change alters the bytes written for the same config
 STATE = "prepare.state.json"
 STATE_FORMAT = "dlm-prepare-state/1"
 MERGE_STATE = "merge.state.json"
 MERGE_STATE_FORMAT = "dlm-merge-state/1"
 PARTS = "parts"  # <output>/parts/<partition:05d>/: the parts of partitions > 1
+TAIL = "tail.bin"  # a part's tokens after its last full sample, train then eval
 NO_TOKENS = "no_tokens"
 MAX_INPUT_ENTRIES = 10_000  # above this many input files, `inputs` is per input argument
 PRINT_EXAMPLES = 10
 BATCH_CHARS = 1 << 20  # characters of text per tokenization task
 BATCH_DOCS = 2048  # documents per tokenization task
-HASHED = ("jsonl_field", "seq_len", "chunk_chars", "samples_per_shard", "eval_fraction", "seed")
+HASHED = (
+    "jsonl_field",
+    "filter_field",
+    "filter_min",
+    "filter_max",
+    "seq_len",
+    "chunk_chars",
+    "samples_per_shard",
+    "eval_fraction",
+    "seed",
+)
 _TMP = re.compile(
     r"^(?:(?:train|eval)-\d{5}\.tar|manifest\.json|(?:prepare|merge)\.state\.json|prepare\.state\.\d{6}\.bin)\.tmp$"
 )
 _CARRY = re.compile(r"^prepare\.state\.\d{6}\.bin$")
 _SHARD = re.compile(r"^(?:train|eval)-\d{5}\.tar$")
 
-# Test hook: called with "shard_written", "state_saved" or "manifest_written" (before the
-# state file is removed), and by the merge with "merge_shard_written" or
-# "merge_manifest_written"; raising there simulates an interruption at that point.
+# Test hook: called with "shard_written" (by runs and merges), "state_saved",
+# "manifest_written" (before the state file is removed) or "merge_manifest_written";
+# raising there simulates an interruption at that point.
 _FAULT: Callable[[str], None] | None = None
 
 
@@ -233,13 +246,13 @@ def _before_spaces(text: str, lo: int, hi: int, may_cut: Callable[[str, str], bo
     return None
 
 
-def is_eval(seed: int, ordinal: int, fraction: float, partition: tuple[int, int] | None = None) -> bool:
-    """Whether document number `ordinal` is held out: a hash of (seed, ordinal), and of
-    partition = (index, partitions) within a part of partitions > 1."""
+def is_eval(seed: int, file_index: int, document: int, fraction: float) -> bool:
+    """Whether document number `document` of input file number `file_index` (in the whole
+    resolved list) is held out: a hash of the three, so neither resuming, the workers nor the
+    partitioning can change it."""
     if fraction <= 0:
         return False
-    where = f"{ordinal}" if partition is None else f"{partition[0]}/{partition[1]}:{ordinal}"
-    digest = hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{file_index}:{document}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < fraction
 
 
@@ -366,13 +379,14 @@ class _Split:
         if _FAULT:
             _FAULT("shard_written")
 
-    def finish(self) -> int:
-        """Write the last (short) shard; returns the dropped tail length."""
+    def finish(self) -> np.ndarray:
+        """Write the last (short) shard; returns the tail shorter than seq_len (not in a shard)."""
         if self.ready_rows:
             self._write(np.concatenate(self.ready))
             self.ready, self.ready_rows = [], 0
-        dropped, self.pending, self.pending_len = self.pending_len, [], 0
-        return dropped
+        tail = np.concatenate(self.pending).astype(self.dtype) if self.pending else np.zeros(0, self.dtype)
+        self.pending, self.pending_len = [], 0
+        return tail
 
     def carry(self) -> np.ndarray:
         parts = [b.reshape(-1) for b in self.ready] + self.pending
@@ -400,21 +414,22 @@ class _Input:
     mtime_ns: int
 
 
-def _resolve(cfg: PrepareConfig) -> list[_Input]:
-    files = []
-    for a, item in enumerate(cfg.input):
-        for path in resolve_inputs([item]):
-            st = os.stat(path) if path.exists() else os.lstat(path)  # a dangling link is read as unreadable
-            files.append(_Input(a, path, st.st_size, st.st_mtime_ns))
-    return files
+def _resolve(cfg: PrepareConfig) -> tuple[list[_Input], dict]:
+    """The input files, each once (a file reached again through another glob, directory or
+    argument is read once), and the duplicates' record for the manifest."""
+    files, duplicates = [], []
+    for a, path in resolve_arguments(cfg.input, duplicates):
+        st = os.stat(path) if path.exists() else os.lstat(path)  # a dangling link is read as unreadable
+        files.append(_Input(a, path, st.st_size, st.st_mtime_ns))
+    return files, {"count": len(duplicates), "examples": [str(d) for d in duplicates[:MAX_EXAMPLES]]}
 
 
 def _partition_scope(cfg: PrepareConfig, partition: int | None) -> dict:
-    """The partition keys of a configuration: none for partitions=1 (the hash of before),
-    partitions for the merged dataset, partitions and partition for a part."""
-    if cfg.partitions == 1:
+    """The partition keys of a configuration: partitions and partition for a part; none for
+    a whole dataset, merged or not (it is the same dataset whatever the partitioning)."""
+    if partition is None:
         return {}
-    return {"partitions": cfg.partitions} | ({} if partition is None else {"partition": partition})
+    return {"partitions": cfg.partitions, "partition": partition}
 
 
 def _configuration(
@@ -585,6 +600,8 @@ class _Run:
         *,
         by_argument: bool,
         partition: int | None = None,
+        first_file: int = 0,
+        duplicates: dict | None = None,
         start: float | None = None,
     ):
         self.cfg = cfg
@@ -594,7 +611,9 @@ class _Run:
         self.dtype = token_dtype(self.tok.vocab_size)
         self.encoder = _Encoder(self.tok, self.dtype, cfg.chunk_chars)
         self.files = files
-        self.eval_scope = None if partition is None else (partition, cfg.partitions)  # is_eval's partition
+        self.duplicates = duplicates  # input paths read once though reached twice (whole datasets only)
+        self.partition = partition
+        self.first_file = first_file  # the number of files[0] in the whole resolved list (is_eval)
         self.config, self.config_hash = _configuration(cfg, self.tok, self.files, partition)
         shape = (cfg.seq_len, cfg.samples_per_shard, self.dtype, self.tok.eos_id, self.out)
         self.splits = {s: _Split(s, *shape) for s in SPLITS}
@@ -677,8 +696,12 @@ class _Run:
             print(f"dlm prepare: {problem}: preparing {out} again")
             redo = True
         if not redo and (out / MERGE_STATE).exists():
-            raise _refuse(
-                out, f"an unfinished merge ({MERGE_STATE})", _config_in(out / MERGE_STATE), self.config
+            merging = _read_json(out / MERGE_STATE)
+            if merging.get("config_hash") != self.config_hash:
+                raise _refuse(out, f"an unfinished merge ({MERGE_STATE})", merging.get("config"), self.config)
+            raise PrepareError(
+                f"{out} holds an unfinished merge of this dataset ({MERGE_STATE}): finish it with "
+                f"`dlm prepare ... partitions={merging.get('partitions')}`, or delete {out} first"
             )
         if state_path.exists() and not redo:
             state = _read_json(state_path)
@@ -702,11 +725,12 @@ class _Run:
 
     # main loop --------------------------------------------------------------------------------------------
     def handle(self, batch: list[tuple[int, int, str]], lengths: np.ndarray, flat: np.ndarray) -> None:
-        """Pack one tokenized batch [(ordinal, file index, where)]; save the state if a shard
+        """Pack one tokenized batch [(ordinal, file index, where, document number in its file)]
+        (file index within self.files); save the state if a shard
         was completed."""
         cfg = self.cfg
         if not lengths.all():
-            for (_, file_index, where), n in zip(batch, lengths, strict=True):
+            for (_, file_index, where, _), n in zip(batch, lengths, strict=True):
                 if n == 0:
                     nt = self.no_tokens
                     nt["count"] += 1
@@ -716,8 +740,8 @@ class _Run:
         self.tokens_this_run += int(flat.size)
         written = 0
         if cfg.eval_fraction > 0:
-            fraction, scope = cfg.eval_fraction, self.eval_scope
-            held = np.array([is_eval(cfg.seed, o, fraction, scope) for o, _, _ in batch], dtype=bool)
+            seed, first, fraction = cfg.seed, self.first_file, cfg.eval_fraction
+            held = np.array([is_eval(seed, first + f, d, fraction) for _, f, _, d in batch], dtype=bool)
             per_token = np.repeat(held, lengths)
             for name, docs, tokens in (
                 ("train", (~held & (lengths > 0)).sum(), flat[~per_token]),
@@ -782,13 +806,16 @@ class _Run:
                     ["./" + name if name in EMBEDDED else name],
                     jsonl_field=cfg.jsonl_field,
                     on_error=cfg.on_error,
+                    filter_field=cfg.filter_field,
+                    filter_min=cfg.filter_min,
+                    filter_max=cfg.filter_max,
                 )
-                for doc in reader:
+                for number, doc in enumerate(reader):
                     if ordinal < self.resumed_from:  # consumed before the interruption: count, skip
                         ordinal += 1
                         bar.update(1)
                         continue
-                    batch.append((ordinal, index, doc.where))
+                    batch.append((ordinal, index, doc.where, number))
                     texts.append(doc.text)
                     chars += len(doc.text)
                     ordinal += 1
@@ -811,7 +838,8 @@ class _Run:
 
     def finish(self) -> dict:
         cfg = self.cfg
-        dropped = sum(self.splits[s].finish() for s in SPLITS)
+        tails = {s: self.splits[s].finish() for s in SPLITS}
+        dropped = sum(int(tail.size) for tail in tails.values())
         acc = self.accounts.close(self.no_tokens)
         read, written, skipped = acc["documents_read"], acc["documents_written"], acc["documents_skipped"]
         split_documents = sum(s.documents for s in self.splits.values())
@@ -834,9 +862,13 @@ class _Run:
             "bytes_read": acc["bytes_read"],
             "inputs_by": acc["inputs_by"],
             "inputs": acc["inputs"],
+            **({"duplicate_inputs": self.duplicates} if self.duplicates is not None else {}),
             "config": self.config,
             "config_hash": self.config_hash,
         }
+        if self.partition is not None:  # what the merge needs to pack exactly as one run
+            manifest["tail"] = self.write_tail(tails)
+            manifest["examples"] = {"reader": self.accounts.examples, NO_TOKENS: self.no_tokens["examples"]}
         write_atomic(self.out / MANIFEST, _json_bytes(manifest))
         if _FAULT:
             _FAULT("manifest_written")
@@ -844,6 +876,18 @@ class _Run:
         _remove_leftovers(self.out)
         self.report(manifest)
         return manifest
+
+    def write_tail(self, tails: dict[str, np.ndarray]) -> dict:
+        """A part's tails (< seq_len tokens per split) in TAIL: the merge continues the
+        stream with the next part's tokens, so no tail is dropped between parts."""
+        little = np.dtype(self.dtype).newbyteorder("<")
+        data = b"".join(tails[s].astype(little).tobytes() for s in SPLITS)
+        write_atomic(self.out / TAIL, data)
+        return {
+            "file": TAIL,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **{s: int(tails[s].size) for s in SPLITS},
+        }
 
     def report(self, m: dict) -> None:
         seconds = time.perf_counter() - self.start
@@ -867,6 +911,7 @@ class _Run:
             print(f"  skipped {example}")
         if skipped > PRINT_EXAMPLES:
             print(f"  ... {skipped - PRINT_EXAMPLES:,} more skipped (first {MAX_EXAMPLES} in {MANIFEST})")
+        _report_duplicates(m)
 
 
 # -- partitions and merging --------------------------------------------------------------------------------
@@ -904,8 +949,15 @@ class _Partitioned:
     """partitions > 1: prepares part cfg.partition alone (an array task), or every part that
     is not complete and then the merge into cfg.output."""
 
-    def __init__(self, cfg: PrepareConfig, tok: Tokenizer | HFTokenizer, files: list[_Input], start: float):
-        self.cfg, self.tok, self.start = cfg, tok, start
+    def __init__(
+        self,
+        cfg: PrepareConfig,
+        tok: Tokenizer | HFTokenizer,
+        files: list[_Input],
+        duplicates: dict,
+        start: float,
+    ):
+        self.cfg, self.tok, self.start, self.duplicates = cfg, tok, start, duplicates
         self.out = Path(cfg.output)
         if self.out.exists() and not self.out.is_dir():
             raise PrepareError(f"output {self.out} exists and is not a directory")
@@ -918,8 +970,16 @@ class _Partitioned:
 
     def part_run(self, index: int, start: float | None = None) -> _Run:
         files, out = self.parts[index], self.part_dir(index)
+        first_file = sum(len(part) for part in self.parts[:index])
         return _Run(
-            self.cfg, self.tok, files, out, by_argument=self.by_argument, partition=index, start=start
+            self.cfg,
+            self.tok,
+            files,
+            out,
+            by_argument=self.by_argument,
+            partition=index,
+            first_file=first_file,
+            start=start,
         )
 
     def run(self) -> dict:
@@ -948,8 +1008,8 @@ class _Partitioned:
         (self.out / MERGE_STATE).unlink(missing_ok=True)  # a merge killed after writing its manifest
         task = "" if self.cfg.partition is None else f" for partition={self.cfg.partition}"
         print(
-            f"dlm prepare: {self.out} is up to date ({manifest['samples']:,} samples merged from "
-            f"{len(manifest['parts'])} parts, config {self.config_hash[:12]}); nothing to do{task}"
+            f"dlm prepare: {self.out} is up to date ({manifest['samples']:,} samples, config "
+            f"{self.config_hash[:12]}); nothing to do{task}"
         )
         return manifest
 
@@ -991,6 +1051,7 @@ class _Partitioned:
             "seq_len": (manifest["seq_len"], self.cfg.seq_len),
             "dtype": (manifest["dtype"], token_dtype(self.tok.vocab_size)),
             "inputs_by": (manifest["inputs_by"], "input" if self.by_argument else "file"),
+            "tail": ("tail" in manifest and (part / manifest["tail"]["file"]).is_file(), True),
         }
         for key, (found, wanted) in expected.items():
             if found != wanted:
@@ -1020,6 +1081,8 @@ class _Merge:
         self.plan = plan
         self.out = plan.out
         self.stale: str | None = None  # why a manifest of this configuration is merged again
+        self.eos_id = plan.tok.eos_id
+        self.tails: list[dict[str, np.ndarray]] = []  # per part: its tail tokens per split
 
     def check_output(self) -> None:
         """Refuse a directory holding another configuration's merge state, run or shards."""
@@ -1052,6 +1115,7 @@ class _Merge:
                 "format": MERGE_STATE_FORMAT,
                 "config_hash": self.plan.config_hash,
                 "config": self.plan.config,
+                "partitions": self.plan.cfg.partitions,
             }
             write_atomic(state, _json_bytes(record))
         if self.stale:
@@ -1060,85 +1124,93 @@ class _Merge:
 
     def run(self, parts: list[dict]) -> dict:
         self.begin()
-        splits = {split: self.merge_split(split, parts) for split in SPLITS}
-        manifest = self.manifest(parts, splits)
+        self.read_tails(parts)
+        merged = {split: self.merge_split(split, parts) for split in SPLITS}
+        splits = {split: summary for split, (summary, _) in merged.items()}
+        manifest = self.manifest(parts, splits, sum(dropped for _, dropped in merged.values()))
         write_atomic(self.out / MANIFEST, _json_bytes(manifest))
         if _FAULT:
             _FAULT("merge_manifest_written")
         (self.out / MERGE_STATE).unlink(missing_ok=True)
-        self.report(manifest)
+        self.report(manifest, len(parts))
         return manifest
 
-    def merge_split(self, split: str, parts: list[dict]) -> dict:
-        """Every part's shards of `split` in part order, keys offset; the split's summary."""
-        shards: list[dict] = []
-        samples = 0
+    def merge_split(self, split: str, parts: list[dict]) -> tuple[dict, int]:
+        """The split's token stream, part after part (its samples, then its tail), packed
+        again exactly as one run packs it: (the split's summary, tokens dropped at its end)."""
+        first = parts[0]
+        shape = (first["seq_len"], self.plan.cfg.samples_per_shard, first["dtype"], self.eos_id, self.out)
+        packer = _Split(split, *shape)
         for index, part in enumerate(parts):
-            source = ShardLocation(str(self.plan.part_dir(index)))
-            for entry in part["splits"][split]["shards"]:
-                shards.append(self.merge_shard(source, entry, shard_name(split, len(shards)), samples, part))
-                samples += entry["samples"]
-        return {
-            "shards": shards,
-            "samples": samples,
-            "tokens": sum(shard["tokens"] for shard in shards),
-            "documents": sum(part["splits"][split]["documents"] for part in parts),
-        }
+            for tokens in self.part_stream(index, part, split):
+                packer.add(tokens)
+            packer.documents += part["splits"][split]["documents"]
+        dropped = int(packer.finish().size)  # writes the last, short shard
+        return packer.summary(), dropped
 
-    def merge_shard(self, source: ShardLocation, entry: dict, name: str, first_key: int, part: dict) -> dict:
-        """Shard `entry` of a part rewritten as `name` with keys from first_key (kept if it
-        exists with the expected size: written by this merge before an interruption)."""
-        target = self.out / name
-        if target.is_file() and target.stat().st_size == entry["bytes"]:
-            return {**entry, "name": name, "sha256": sha256_file(target)}
-        rows = read_shard(source, entry["name"], seq_len=part["seq_len"], dtype=part["dtype"])
-        written = write_shard(
-            target, [(tokens, segments) for _, tokens, segments in rows], first_key, part["dtype"]
-        )
-        if (written["samples"], written["bytes"]) != (entry["samples"], entry["bytes"]):
-            raise RuntimeError(
-                f"{source.url(entry['name'])} rewritten as {target} has {written['samples']} samples in "
-                f"{written['bytes']} bytes, not {entry['samples']} in {entry['bytes']}"
+    def part_stream(self, index: int, part: dict, split: str) -> Iterator[np.ndarray]:
+        """The tokens of one part's split in order: shard by shard, then the tail."""
+        source = ShardLocation(str(self.plan.part_dir(index)))
+        for entry in part["splits"][split]["shards"]:
+            rows = read_shard(source, entry["name"], seq_len=part["seq_len"], dtype=part["dtype"])
+            yield np.concatenate([tokens for _, tokens, _ in rows]).astype(part["dtype"])
+        yield self.tails[index][split]
+
+    def read_tails(self, parts: list[dict]) -> None:
+        """Every part's tail tokens per split, checked against its manifest."""
+        for index, part in enumerate(parts):
+            tail, path = part["tail"], self.plan.part_dir(index) / part["tail"]["file"]
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != tail["sha256"]:
+                raise PrepareError(f"{path} does not match its manifest: {self.plan.to_run(index)}")
+            tokens = np.frombuffer(data, dtype=np.dtype(part["dtype"]).newbyteorder("<")).astype(
+                part["dtype"]
             )
-        if _FAULT:
-            _FAULT("merge_shard_written")
-        return written
+            cut = tail["train"]
+            self.tails.append({"train": tokens[:cut], "eval": tokens[cut : cut + tail["eval"]]})
 
-    def manifest(self, parts: list[dict], splits: dict) -> dict:
+    def manifest(self, parts: list[dict], splits: dict, dropped: int) -> dict:
+        """The manifest one run over all the input writes (same config, same hash)."""
         first = parts[0]
         totals = _merged_totals(parts)
-        in_splits = {
-            "samples": sum(split["samples"] for split in splits.values()),
-            "documents_written": sum(split["documents"] for split in splits.values()),
-        }
-        for key, n in in_splits.items():
-            if totals[key] != n:
-                raise RuntimeError(f"the parts' {key} ({totals[key]}) are not those of their splits ({n})")
-        provenance = [
-            {"dir": f"{PARTS}/{index:05d}", "config_hash": part["config_hash"]}
-            | {"samples": {split: part["splits"][split]["samples"] for split in SPLITS}}
-            for index, part in enumerate(parts)
-        ]
+        documents = sum(split["documents"] for split in splits.values())
+        if totals["documents_written"] != documents:
+            raise RuntimeError(
+                f"the parts wrote {totals['documents_written']} documents, their splits {documents}"
+            )
         return {
             "format": FORMAT,
             **{key: first[key] for key in ("seq_len", "dtype", "tokenizer")},
             "splits": splits,
-            **totals,
+            **{key: totals[key] for key in ("documents_read", "documents_written", "documents_skipped")},
+            "skipped_examples": totals["skipped_examples"],
+            "tokens": sum(split["tokens"] for split in splits.values()),
+            "samples": sum(split["samples"] for split in splits.values()),
+            "tokens_dropped": dropped,
+            "bytes_read": totals["bytes_read"],
             "inputs_by": first["inputs_by"],
             "inputs": _merged_inputs(parts),
-            "parts": provenance,
+            "duplicate_inputs": self.plan.duplicates,
             "config": self.plan.config,
             "config_hash": self.plan.config_hash,
         }
 
-    def report(self, m: dict) -> None:
+    def report(self, m: dict, parts: int) -> None:
         seconds = time.perf_counter() - self.plan.start
         shards = {split: len(m["splits"][split]["shards"]) for split in SPLITS}
         print(
-            f"dlm prepare: merged {len(m['parts'])} parts -> {m['tokens']:,} tokens in {m['samples']:,} "
+            f"dlm prepare: merged {parts} parts -> {m['tokens']:,} tokens in {m['samples']:,} "
             f"samples of {m['seq_len']} in {sum(shards.values())} shards (train {shards['train']}, "
             f"eval {shards['eval']}) in {seconds:.1f} s -> {self.out}"
         )
+        _report_duplicates(m)
+
+
+def _report_duplicates(m: dict) -> None:
+    duplicates = m.get("duplicate_inputs") or {"count": 0}
+    if duplicates["count"]:
+        shown = ", ".join(duplicates["examples"][:PRINT_EXAMPLES])
+        print(f"  {duplicates['count']} input paths reached a file already read (read once): {shown}")
 
 
 def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -1150,8 +1222,9 @@ def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
 
 
 def _merged_totals(parts: list[dict]) -> dict:
-    """The summed accounting of the parts, in manifest order; it must reconcile."""
-    summed = ("documents_read", "documents_written", "tokens", "samples", "tokens_dropped", "bytes_read")
+    """The summed accounting of the parts, in manifest order; it must reconcile. The skipped
+    examples in the order of one run: the readers', then those of documents without ids."""
+    summed = ("documents_read", "documents_written", "bytes_read")
     total = {key: sum(part[key] for part in parts) for key in summed}
     skipped = _sum_counts([part["documents_skipped"] for part in parts])
     read, written = total["documents_read"], total["documents_written"]
@@ -1159,13 +1232,13 @@ def _merged_totals(parts: list[dict]) -> dict:
         raise RuntimeError(
             f"the parts' document accounting does not reconcile ({read=}, {written=}, {skipped})"
         )
-    examples = [example for part in parts for example in part["skipped_examples"]][:MAX_EXAMPLES]
+    reader, no_ids = ([x for part in parts for x in part["examples"][kind]] for kind in ("reader", NO_TOKENS))
     return {
         "documents_read": read,
         "documents_written": written,
         "documents_skipped": skipped,
-        "skipped_examples": examples,
-        **{key: total[key] for key in ("tokens", "samples", "tokens_dropped", "bytes_read")},
+        "skipped_examples": (reader[:MAX_EXAMPLES] + no_ids[:MAX_EXAMPLES])[:MAX_EXAMPLES],
+        "bytes_read": total["bytes_read"],
     }
 
 
@@ -1213,11 +1286,12 @@ def run(cfg: PrepareConfig) -> dict:
     check_config(cfg)
     start = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer)  # FileNotFoundError naming it
-    files = _resolve(cfg)
+    files, duplicates = _resolve(cfg)
     if cfg.partitions > 1:
-        return _Partitioned(cfg, tok, files, start).run()
+        return _Partitioned(cfg, tok, files, duplicates, start).run()
     by_argument = len(files) > MAX_INPUT_ENTRIES
-    return _prepare(_Run(cfg, tok, files, Path(cfg.output), by_argument=by_argument, start=start))
+    out = Path(cfg.output)
+    return _prepare(_Run(cfg, tok, files, out, by_argument=by_argument, duplicates=duplicates, start=start))
 
 
 def _prepare(prep: _Run) -> dict:

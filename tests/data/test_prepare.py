@@ -28,7 +28,7 @@ from data import prepare
 from data.config import PrepareConfig, TokenizerConfig
 from data.prepare import PrepareError, run, split_text
 from data.shards import FORMAT, ShardLocation, load_manifest, read_shard, sha256_file
-from data.sources import DocumentReader
+from data.sources import DocumentReader, resolve_inputs
 from data.tokenizer import Tokenizer, train_tokenizer
 from tests.dist import REPO
 
@@ -165,12 +165,21 @@ def _stream(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack(toks), np.stack(segs)) if toks else (empty, empty)
 
 
-def _expected(tok, inputs) -> list[tuple[str, np.ndarray]]:
-    """(where, ids + EOS) of every document, each encoded whole, independently of data/prepare.py."""
-    return [
-        (doc.where, np.array([*tok.encode(doc.text), tok.eos_id], dtype=np.int64))
-        for doc in DocumentReader([str(i) for i in inputs])
-    ]
+def _expected(tok, inputs) -> list[tuple[str, np.ndarray, int, int]]:
+    """(where, ids + EOS, file number, document number in the file) of every document, each
+    encoded whole, independently of data/prepare.py."""
+    docs = []
+    for file_number, path in enumerate(resolve_inputs([str(i) for i in inputs])):
+        for number, doc in enumerate(DocumentReader([str(path)])):
+            docs.append(
+                (
+                    doc.where,
+                    np.array([*tok.encode(doc.text), tok.eos_id], dtype=np.int64),
+                    file_number,
+                    number,
+                )
+            )
+    return docs
 
 
 def _assign(docs, streams: dict[str, np.ndarray], seed: int, fraction: float) -> dict[str, list[int]]:
@@ -179,13 +188,13 @@ def _assign(docs, streams: dict[str, np.ndarray], seed: int, fraction: float) ->
     from prepare.is_eval. Returns the document numbers per split."""
     pos = {s: 0 for s in streams}
     got: dict[str, list[int]] = {s: [] for s in streams}
-    for n, (where, ids) in enumerate(docs):
+    for n, (where, ids, file_number, number) in enumerate(docs):
         full = [s for s, st in streams.items() if np.array_equal(st[pos[s] : pos[s] + ids.size], ids)]
         assert len(full) <= 1, (where, full)
         if full:
             split = full[0]
         else:
-            split = "eval" if prepare.is_eval(seed, n, fraction) else "train"
+            split = "eval" if prepare.is_eval(seed, file_number, number, fraction) else "train"
             part = streams[split][pos[split] :]
             assert part.size < ids.size and np.array_equal(part, ids[: part.size]), (where, split)
         got[split].append(n)
@@ -397,7 +406,7 @@ def test_long_documents_are_cut_before_encoding(tok, tok_path, tmp_path):
     out = tmp_path / "out"
     m = run(_cfg([root], out, tok_path, chunk_chars=500, seq_len=32))
     stream = _stream(out, "train")[0].reshape(-1)
-    expect = np.concatenate([ids for _, ids in _expected(tok, [root])])  # each document encoded whole
+    expect = np.concatenate([ids for _, ids, _, _ in _expected(tok, [root])])  # each document encoded whole
     assert np.array_equal(stream, expect[: stream.size]) and expect.size - stream.size < 32
     assert m["tokens_dropped"] == expect.size - stream.size
     # and the documents were cut: code after newlines, prose before spaces, the solid run
@@ -879,7 +888,8 @@ def _stamps(out: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def partitioned(parted, tok_path, tmp_path_factory) -> dict:
-    """partitions=3 prepared as an array job (tasks 2, 0, 1, then the merge) and by one run."""
+    """partitions=3 prepared as an array job (tasks 2, 0, 1, then the merge) and by one run;
+    partitions=2 and 1 for comparison."""
     root = tmp_path_factory.mktemp("partitioned")
     array, sequential = root / "array", root / "sequential"
     printed = {}
@@ -893,7 +903,20 @@ def partitioned(parted, tok_path, tmp_path_factory) -> dict:
     with _capture() as out:
         run(_pcfg([parted], sequential, tok_path, partitions=3))
         printed["sequential"] = out.getvalue()
-    return {"array": array, "sequential": sequential, "printed": printed}
+        run(_pcfg([parted], root / "two", tok_path, partitions=2))
+        run(_pcfg([parted], root / "one", tok_path))
+    return {
+        "array": array,
+        "sequential": sequential,
+        "two": root / "two",
+        "one": root / "one",
+        "printed": printed,
+    }
+
+
+def _dataset(out: Path) -> dict[str, bytes]:
+    """The dataset's own files (manifest and shards; not parts/)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
 @contextlib.contextmanager
@@ -935,38 +958,45 @@ def test_array_tasks_and_one_run_write_identical_datasets(partitioned):
     assert " s -> " in merge_line and not (array / prepare.MERGE_STATE).exists()
 
 
-def test_merged_dataset_keys_counts_and_accounting(partitioned, parted, tok_path, tmp_path):
+def test_the_dataset_is_the_same_whatever_the_number_of_partitions(partitioned):
+    """partitions=1, 2, 3: byte-identical shards and manifest (same config hash): the parts
+    hold out the same documents and the merge packs their tails on as one run does."""
+    one = _dataset(partitioned["one"])
+    assert {name for name in one} >= {"manifest.json", "train-00000.tar", "eval-00000.tar"}
+    assert _dataset(partitioned["two"]) == one
+    assert _dataset(partitioned["sequential"]) == one
+    assert not (partitioned["one"] / "parts").exists()
+
+
+def test_merged_dataset_keys_counts_and_accounting(partitioned, parted):
     out = partitioned["sequential"]
     m, parts = load_manifest(out), _parts(out)
     assert all(len(p["splits"][s]["shards"]) >= 2 for p in parts for s in ("train", "eval"))
     for split in ("train", "eval"):
         tokens, _ = _stream(out, split)  # names in order, sha256 and bytes, keys 0..samples-1
-        part_tokens = [_stream(out / "parts" / f"{i:05d}", split)[0] for i in range(3)]
-        assert np.array_equal(tokens, np.concatenate(part_tokens))  # the parts' samples, in part order
-        for key in ("samples", "tokens", "documents"):
-            assert m["splits"][split][key] == sum(p["splits"][split][key] for p in parts)
-    for key in ("documents_read", "documents_written", "tokens", "samples", "tokens_dropped", "bytes_read"):
+        part_streams = []
+        for i, part in enumerate(parts):  # each part's samples, then its tail
+            tail = part["tail"]
+            data = np.fromfile(out / "parts" / f"{i:05d}" / tail["file"], dtype=part["dtype"]).astype(
+                np.int64
+            )
+            ends = {"train": data[: tail["train"]], "eval": data[tail["train"] :]}
+            part_streams += [_stream(out / "parts" / f"{i:05d}", split)[0].reshape(-1), ends[split]]
+        stream = np.concatenate(part_streams)
+        assert np.array_equal(tokens.reshape(-1), stream[: tokens.size])
+        assert stream.size - tokens.size < m["seq_len"]
+        assert m["splits"][split]["documents"] == sum(p["splits"][split]["documents"] for p in parts)
+    for key in ("documents_read", "documents_written", "bytes_read"):
         assert m[key] == sum(p[key] for p in parts), key
     assert m["documents_read"] == m["documents_written"] + sum(m["documents_skipped"].values())
+    assert m["tokens"] == m["samples"] * m["seq_len"]
     # the bad line is in one part, and its count and example survive the merge
     assert m["documents_skipped"] == {"invalid_utf8": 1}
     assert [p["documents_skipped"] for p in parts].count({"invalid_utf8": 1}) == 1
     assert m["skipped_examples"] == [f"{parted}/b.jsonl:11: invalid_utf8 (byte 14)"]
-    # provenance and configuration
-    assert m["parts"] == [
-        {"dir": f"parts/{i:05d}", "config_hash": p["config_hash"]}
-        | {"samples": {s: p["splits"][s]["samples"] for s in ("train", "eval")}}
-        for i, p in enumerate(parts)
-    ]
-    assert m["config"]["partitions"] == 3 and "partition" not in m["config"]
-    assert [p["config"]["partition"] for p in parts] == [0, 1, 2]
+    assert "partitions" not in m["config"] and "parts" not in m
+    assert [(p["config"]["partitions"], p["config"]["partition"]) for p in parts] == [(3, 0), (3, 1), (3, 2)]
     assert m["config"]["input_files"] == 5 == sum(p["config"]["input_files"] for p in parts)
-    # per-file accounting does not depend on the partitioning; the bytes do (tails, hold-out)
-    single = run(_pcfg([parted], tmp_path / "single", tok_path))
-    assert m["inputs_by"] == "file" and m["inputs"] == single["inputs"]
-    for key in ("documents_read", "documents_written", "documents_skipped", "bytes_read"):
-        assert m[key] == single[key], key
-    assert m["config_hash"] != single["config_hash"] and "partitions" not in single["config"]
 
 
 def test_trainer_loader_reads_the_merged_dataset(partitioned):
@@ -1002,13 +1032,12 @@ def test_interrupted_merge_resumes_to_the_same_bytes(partitioned, parted, tok_pa
     shutil.copytree(partitioned["sequential"] / "parts", out / "parts")
     cfg = _pcfg([parted], out, tok_path, partitions=3)
     with pytest.raises(_Interrupt):
-        _with_fault(lambda: run(cfg), "merge_shard_written", 2)
+        _with_fault(lambda: run(cfg), "shard_written", 2)
     assert (out / prepare.MERGE_STATE).exists() and not (out / "manifest.json").exists()
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-00000.tar", "train-00001.tar"]
-    first = (out / "train-00000.tar").stat().st_mtime_ns
     (out / "train-00002.tar.tmp").write_bytes(b"half a shard")
     run(cfg)
-    assert _tree(out) == reference and (out / "train-00000.tar").stat().st_mtime_ns == first  # kept
+    assert _tree(out) == reference
     # killed after writing the manifest: the rerun is up to date and removes the state file
     again = tmp_path / "again"
     shutil.copytree(out / "parts", again / "parts")
@@ -1046,12 +1075,11 @@ def test_parts_and_outputs_of_another_configuration_are_refused(partitioned, par
     with pytest.raises(PrepareError, match="seq_len 16 -> 32") as e:
         run(_pcfg([parted], out, tok_path, partitions=3))
     assert f"part {out / 'parts' / '00001'}" in str(e.value) and "partitions=3 partition=1" in str(e.value)
-    # a dataset of partitions=1, or shards of an unknown run, in the output directory
+    # a dataset of partitions=1 is the merged dataset: up to date; shards of an unknown run refused
     single = tmp_path / "single"
     run(_pcfg([parted], single, tok_path))
-    with pytest.raises(PrepareError, match="partitions 1 -> 3") as e:
-        run(_pcfg([parted], single, tok_path, partitions=3, partition=0))
-    assert str(single) in str(e.value)
+    assert run(_pcfg([parted], single, tok_path, partitions=3, partition=0)) == load_manifest(single)
+    assert not (single / "parts").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "train-00000.tar").write_bytes(b"")
@@ -1061,8 +1089,8 @@ def test_parts_and_outputs_of_another_configuration_are_refused(partitioned, par
     merging = tmp_path / "merging"
     shutil.copytree(partitioned["sequential"] / "parts", merging / "parts")
     with pytest.raises(_Interrupt):
-        _with_fault(lambda: run(_pcfg([parted], merging, tok_path, partitions=3)), "merge_shard_written", 1)
-    with pytest.raises(PrepareError, match="unfinished merge.*partitions 3 -> 1"):
+        _with_fault(lambda: run(_pcfg([parted], merging, tok_path, partitions=3)), "shard_written", 1)
+    with pytest.raises(PrepareError, match="unfinished merge of this dataset.*partitions=3"):
         run(_pcfg([parted], merging, tok_path))
     with pytest.raises(PrepareError, match="unfinished merge.*eval_fraction"):
         run(_pcfg([parted], merging, tok_path, partitions=3, eval_fraction=0.1))
@@ -1081,9 +1109,7 @@ def test_partition_arguments_are_checked(parted, tok_path, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_merge_sums_inputs_per_argument_and_parts_hold_out_independently(
-    parted, tok_path, tmp_path, monkeypatch
-):
+def test_merge_sums_inputs_per_argument_as_one_run(parted, tok_path, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "MAX_INPUT_ENTRIES", 2)  # 5 files: per input argument, parts included
     inputs = [parted / "a.jsonl", parted / "[bc].jsonl", parted / "[de].jsonl"]
     merged = run(_pcfg(inputs, tmp_path / "merged", tok_path, partitions=4))
@@ -1091,8 +1117,41 @@ def test_merge_sums_inputs_per_argument_and_parts_hold_out_independently(
     assert merged["inputs_by"] == single["inputs_by"] == "input"
     assert all(p["inputs_by"] == "input" for p in _parts(tmp_path / "merged", 4))
     assert merged["inputs"] == single["inputs"] and [e["files"] for e in merged["inputs"]] == [1, 2, 2]
-    # the hold-out hash includes the partition: parts' documents are held out independently
-    held = {
-        scope: [prepare.is_eval(0, i, 0.3, scope) for i in range(200)] for scope in (None, (0, 4), (1, 4))
-    }
-    assert len({tuple(v) for v in held.values()}) == 3
+    assert _dataset(tmp_path / "merged") == _dataset(tmp_path / "single")
+
+
+def test_parquet_and_zst_inputs_filters_and_duplicate_paths(parted, tok_path, tmp_path):
+    """Records from Parquet and .jsonl.zst are prepared like JSONL; the quality filter is part
+    of the configuration; a file reached twice is read once and reported, and the merged
+    dataset of 2 partitions still equals one run's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rows = [json.loads(line) for line in (parted / "a.jsonl").read_text().splitlines()]
+    scores = [i / len(rows) for i in range(len(rows))]
+    pq.write_table(
+        pa.table({"text": [r["text"] for r in rows], "score": scores}),
+        inputs / "a.parquet",
+        row_group_size=16,
+    )
+    (inputs / "c.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((parted / "c.jsonl").read_bytes())
+    )
+    given = [str(inputs), str(inputs / "a.parquet")]  # a.parquet twice
+    single = run(_pcfg(given, tmp_path / "one", tok_path, filter_field="score", filter_min=0.5))
+    assert single["duplicate_inputs"] == {"count": 1, "examples": [str(inputs / "a.parquet")]}
+    assert [Path(e["path"]).name for e in single["inputs"]] == ["a.parquet", "c.jsonl.zst"]
+    kept = sum(score >= 0.5 for score in scores)
+    # the filter applies to every record format with the field; c's records have no score
+    assert single["documents_skipped"] == {"filtered": len(rows) - kept + 55}
+    assert single["documents_written"] == kept and single["config"]["filter_min"] == 0.5
+    merged = run(_pcfg(given, tmp_path / "two", tok_path, filter_field="score", filter_min=0.5, partitions=2))
+    assert _dataset(tmp_path / "two") == _dataset(tmp_path / "one") and merged == single
+    unfiltered = run(_pcfg(given, tmp_path / "all", tok_path))
+    assert (
+        unfiltered["documents_written"] == len(rows) + 55
+        and unfiltered["config_hash"] != single["config_hash"]
+    )
