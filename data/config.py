@@ -57,4 +57,7 @@ class PrepareConfig:
 @dataclass
 class SourceConfig:
     path: str = MISSING  # dataset directory, or a URL template with {name} ('pipe:...')
-    weight: float = 1.0  # sampling weight, relative to the other sources
+    weight: float = 1.0  # sampling weight, relative to the other weighted sources
+    tokens: int | None = None  # a token budget: this source supplies this many of the run's tokens
+    max_epochs: float | None = None  # refuse a run that would go through this source more often
+    name: str | None = None  # the source's name in reports; None: the path's last component

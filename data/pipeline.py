@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from data import mixture
 from data.corpus import ByteTokenizer, WindowDataset, load_byte_corpus
 from data.shards import ShardLocation, load_manifest, read_shard
 
@@ -107,16 +108,44 @@ def decoder(cfg):
     return load_tokenizer(path).decode if Path(path).exists() else None
 
 
-def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp_size: int) -> None:
+def mixture_specs(cfg) -> list[mixture.Spec]:
+    return [mixture.Spec(s.path, s.weight, s.tokens, s.max_epochs, s.name) for s in cfg.sources]
+
+
+def weighted_sources(cfg, run_samples: int | None) -> list[tuple[str, float]]:
+    """(path, sampling weight) of data.sources: the weights as given, or with token budgets
+    the fractions of the run they make (data/mixture.py)."""
+    specs = mixture_specs(cfg)
+    if run_samples is None or all(s.tokens is None for s in specs):
+        return [(s.path, s.weight) for s in specs]
+    try:
+        weights = mixture.fractions(specs, run_samples * cfg.seq_len)
+    except mixture.MixtureError as e:
+        raise DataConfigError(str(e)) from e
+    return [(s.path, w) for s, w in zip(specs, weights, strict=True)]
+
+
+def mixture_plan(cfg, loader, run_samples: int) -> list[mixture.Share]:
+    specs = mixture_specs(cfg)
+    try:
+        return mixture.plan(specs, loader.samples_per_epoch, run_samples, cfg.seq_len)
+    except mixture.MixtureError as e:
+        raise DataConfigError(str(e)) from e
+
+
+def check_layout(
+    cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp_size: int, run_samples: int | None = None
+):
     """Fail before any process starts when the shard stream cannot be laid out for this
-    many data-parallel ranks and workers (reads manifests only, starts no worker)."""
+    many data-parallel ranks and workers, or a source would be repeated more often than its
+    max_epochs (reads manifests only, starts no worker). Returns the mixture's plan."""
     if cfg.source != "shards":
-        return
+        return None
     from data.loader import LoaderConfigError, build_train_loader
 
     try:
-        build_train_loader(
-            [(s.path, s.weight) for s in cfg.sources],
+        loader = build_train_loader(
+            weighted_sources(cfg, run_samples),
             seq_len=cfg.seq_len,
             micro_batch_size=micro_batch_size,
             dp_rank=0,
@@ -128,6 +157,14 @@ def check_layout(cfg, vocab: Vocabulary, *, seed: int, micro_batch_size: int, dp
         )
     except LoaderConfigError as e:
         raise DataConfigError(str(e)) from e
+    if run_samples is None:
+        return None
+    shares = mixture_plan(cfg, loader, run_samples)
+    try:
+        mixture.check(shares)
+    except mixture.MixtureError as e:
+        raise DataConfigError(str(e)) from e
+    return shares
 
 
 def eos_segments(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -199,11 +236,13 @@ class ShardStream(TrainData):
     loader's own state is the data position); eval batches from the sources' eval
     splits (mixed by weight, in a fixed order), addressed by index."""
 
-    def __init__(self, cfg, vocab: Vocabulary, *, seed, micro_batch_size, dp_rank, dp_size, state):
+    def __init__(
+        self, cfg, vocab: Vocabulary, *, seed, micro_batch_size, dp_rank, dp_size, state, run_samples
+    ):
         from data.loader import build_train_loader
 
         self.loader = build_train_loader(
-            [(s.path, s.weight) for s in cfg.sources],
+            weighted_sources(cfg, run_samples),
             seq_len=cfg.seq_len,
             micro_batch_size=micro_batch_size,
             dp_rank=dp_rank,
@@ -217,7 +256,7 @@ class ShardStream(TrainData):
         self.iterator = iter(self.loader)
         self.micro_batch_size = micro_batch_size
         self._eval: dict[str, torch.Tensor] | None = None
-        self._sources = [(s.path, s.weight) for s in cfg.sources]
+        self._sources = weighted_sources(cfg, run_samples)
         self.summary = f"{vocab.summary}; {self.loader.summary}"
 
     def train(self, index):
@@ -293,7 +332,10 @@ def build(
     dp_rank: int,
     dp_size: int,
     state: dict[str, Any] | None,
+    run_samples: int | None = None,
 ) -> TrainData:
+    """The training data of one rank; run_samples (samples read over the whole run, all
+    ranks) turns token budgets into sampling weights."""
     if cfg.source in ("stdlib", "text"):
         return ByteWindows(cfg, seed)
     return ShardStream(
@@ -304,4 +346,5 @@ def build(
         dp_rank=dp_rank,
         dp_size=dp_size,
         state=state,
+        run_samples=run_samples,
     )

@@ -29,7 +29,7 @@ class Command:
     plain_subcommands: tuple[str, ...] = ()  # subcommands taking plain arguments (dlm slurm status RUN)
 
 
-TRAIN_GROUPS = ("model", "data", "parallel", "optim", "curriculum", "cluster", "experiment")
+TRAIN_GROUPS = ("model", "data", "mixture", "parallel", "optim", "curriculum", "cluster", "experiment")
 
 COMMANDS = {
     c.name: c
@@ -131,6 +131,20 @@ COMMANDS = {
             ),
             subcommands=("submit", "pipeline", "status"),
             plain_subcommands=("status",),
+        ),
+        Command(
+            "mixture",
+            "what each source of a data mixture contributes to a run (tokens, epochs), before it starts",
+            "pretrain.mixture:main",
+            "pretrain.config:Config",
+            "config",
+            groups=TRAIN_GROUPS,
+            examples=(
+                "dlm mixture show web_code_math train.steps=100000 train.global_batch_size=1024",
+                "dlm mixture show 'data.sources=[{path:a,weight:1},{path:b,tokens:1000000,max_epochs:2}]'",
+            ),
+            subcommands=("show",),
+            plain_subcommands=("show",),
         ),
         Command(
             "report",

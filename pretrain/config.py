@@ -396,6 +396,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.source=shards needs data.sources=[{path: DIR, weight: 1.0}, ...]")
         if any(src.weight <= 0 for src in cfg.data.sources):
             raise ConfigError("data.sources: every weight must be positive")
+        for src in cfg.data.sources:
+            for key in ("tokens", "max_epochs"):
+                if getattr(src, key) is not None and getattr(src, key) <= 0:
+                    raise ConfigError(
+                        f"data.sources {src.name or src.path}: {key}={getattr(src, key)} must be positive"
+                    )
         if cfg.data.num_workers < 0 or cfg.data.shuffle_shards < 1:
             raise ConfigError("data.num_workers must be >= 0 and data.shuffle_shards >= 1")
     if not 0 <= cfg.data.eval_fraction < 1:
@@ -468,6 +474,12 @@ def check_hybrid_loss(cfg: Config) -> None:
         raise ConfigError("curriculum.ar_weight needs model.attention=bidirectional or document, not causal")
 
 
+def data_micro_batch_size(cfg: Config) -> int:
+    """Samples read per microbatch: half the rows under complementary masking (pairs)."""
+    t = cfg.train
+    return t.micro_batch_size // 2 if cfg.curriculum.complementary else t.micro_batch_size
+
+
 @dataclass(frozen=True)
 class Derived:
     """Values that follow from the config and the launch; logged and saved."""
@@ -480,6 +492,7 @@ class Derived:
     samples_per_dp_rank: int  # rows per step
     data_micro_batch_size: int  # samples read per microbatch (half the rows under complementary masking)
     num_microbatches: int  # per step and dp rank
+    run_samples: int  # samples read over the whole run, all ranks (what token budgets and epochs count)
     tokens_per_step: int
     params: dict
     flops_per_token: float  # model FLOPs (fwd + bwd) per trained token, excluding the output layer
@@ -534,8 +547,9 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         padded_vocab_size=padded,
         mask_id=mask_id,
         samples_per_dp_rank=t.global_batch_size // dp,
-        data_micro_batch_size=t.micro_batch_size // 2 if cfg.curriculum.complementary else t.micro_batch_size,
+        data_micro_batch_size=data_micro_batch_size(cfg),
         num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+        run_samples=t.steps * (t.global_batch_size // t.micro_batch_size) * data_micro_batch_size(cfg),
         tokens_per_step=t.global_batch_size * cfg.data.seq_len,
         params=params,
         flops_per_token=float(flops_per_token),

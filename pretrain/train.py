@@ -436,7 +436,12 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     try:
         pipeline.check_layout(
-            cfg.data, vocab, seed=cfg.seed, micro_batch_size=derived.data_micro_batch_size, dp_size=derived.dp
+            cfg.data,
+            vocab,
+            seed=cfg.seed,
+            micro_batch_size=derived.data_micro_batch_size,
+            dp_size=derived.dp,
+            run_samples=derived.run_samples,
         )
     except pipeline.DataConfigError as e:
         raise ConfigError(str(e)) from e
@@ -497,6 +502,7 @@ def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) ->
         dp_rank=run.topo.dp_rank,
         dp_size=run.topo.dp,
         state=data_state,
+        run_samples=run.derived.run_samples,
     )
 
 
@@ -531,13 +537,11 @@ def start_lines(run: Run, peak: str, param_groups: str) -> str:
     """What the run is: layout, model, data (epochs), objective, optimizer, batch."""
     cfg, derived, p = run.cfg, run.derived, run.derived.params
     layers = "te" if parallel.use_transformer_engine(cfg.model.spec) else "local"
-    total_samples = cfg.train.steps * cfg.train.global_batch_size * derived.data_micro_batch_size
-    total_samples //= cfg.train.micro_batch_size  # samples read: half the rows under complementary masking
     return (
         f"dlm train: {run.topo.describe()} {derived.precision}, layers {layers}  model {cfg.model.name} "
         f"({p['total'] / 1e6:.2f}M params, {p['layers'] / 1e6:.2f}M in layers)  "
         f"data {cfg.data.name}: {run.data.summary}, seq {cfg.data.seq_len}\n"
-        f"  {run.data.epoch_report(total_samples)}\n"
+        f"  {run.data.epoch_report(derived.run_samples)}\n"
         f"  {objective_note(cfg.objective)}\n"
         f"  optimizer: AdamW, {cfg.optim.schedule} schedule; {param_groups}\n"
         f"  global batch {cfg.train.global_batch_size} = {derived.num_microbatches} microbatches x "

@@ -49,7 +49,7 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     if isinstance(cfg, list) and cfg and dataclasses.is_dataclass(cfg[0]):  # e.g. data.sources
-        return [dataclasses.asdict(item) for item in cfg]
+        return [{k: v for k, v in dataclasses.asdict(item).items() if v is not None} for item in cfg]
     return cfg
 
 
