@@ -90,8 +90,13 @@ def _key(*parts: int) -> int:
 
 def _uniform(key: int, start: int, stop: int) -> np.ndarray:
     """u_n in [0, 1) for counters n in [start, stop): SplitMix64's stream seeded at key."""
+    return _uniform_rows(np.array([key], dtype=np.uint64), start, stop)[0]
+
+
+def _uniform_rows(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """_uniform of every key (uint64[k]) at once: float64[k, stop - start]."""
     n = np.arange(start, stop, dtype=np.uint64)
-    x = np.uint64(key) + (n + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    x = keys[:, None] + (n + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x = x ^ (x >> np.uint64(31))
@@ -207,6 +212,24 @@ class Layout:
         cum = np.cumsum(weights / weights.sum())
         u = _uniform(_key(_TAG_SOURCE, self.seed, rank, worker), start, stop)
         return np.minimum(np.searchsorted(cum, u, side="right"), len(self.sources) - 1)
+
+    def drawn(self, worker: int, start: int, stop: int) -> np.ndarray:
+        """Samples per source among samples [start, stop) of logical worker `worker`, summed
+        over every data-parallel rank (the draws are counter-based: no communication)."""
+        if len(self.sources) == 1:
+            return np.array([self.dp_size * (stop - start)], dtype=np.int64)
+        weights = np.asarray([src.weight for src in self.sources], dtype=np.float64)
+        cum = np.cumsum(weights / weights.sum())
+        keys = np.array(
+            [_key(_TAG_SOURCE, self.seed, r, worker) for r in range(self.dp_size)], dtype=np.uint64
+        )
+        counts = np.zeros(len(self.sources), dtype=np.int64)
+        chunk = max(1, _REPLAY_CHUNK // self.dp_size)
+        for a in range(start, stop, chunk):
+            u = _uniform_rows(keys, a, min(stop, a + chunk))
+            picks = np.minimum(np.searchsorted(cum, u.ravel(), side="right"), len(self.sources) - 1)
+            counts += np.bincount(picks, minlength=len(self.sources))
+        return counts
 
     def advance(self, s: int, cursor: tuple[int, int], count: int) -> tuple[int, int]:
         """The (epoch, offset) of source s's slot stream `count` samples after `cursor`."""
@@ -429,6 +452,8 @@ class TrainLoader:
             e0, o0 = self.start[0]
             self.limit = max((epochs - e0) * lay.epoch_len(0) - o0, 0) // B
         self.total_batches = None if self.limit is None else W * self.limit
+        self._drawn = np.zeros(len(lay.sources), dtype=np.int64)  # drawn_samples(): counted so far
+        self._drawn_upto = [0] * W  # ... up to this sample of each logical worker
         self._loader = None
         self._iter = None
 
@@ -553,6 +578,18 @@ class TrainLoader:
             self.close()
         except Exception:
             pass
+
+    def drawn_samples(self) -> np.ndarray:
+        """Samples each source has given all data-parallel ranks together in the batches
+        returned so far (the same count on every rank), since the start or the last layout
+        change. Incremental: only the new batches' draws are replayed."""
+        W, B = self.layout.workers, self.layout.micro_batch_size
+        for worker in range(W):
+            upto = (self.batches // W + (1 if worker < self.batches % W else 0)) * B
+            if upto > self._drawn_upto[worker]:
+                self._drawn += self.layout.drawn(worker, self._drawn_upto[worker], upto)
+                self._drawn_upto[worker] = upto
+        return self._drawn.copy()
 
     def epoch_samples(self, source: int, epoch: int = 0) -> int:
         """Samples each (rank, worker) yields from `source` per epoch (E(s), the same in every epoch)."""

@@ -192,6 +192,10 @@ class TrainData:
         """One line for the start of a run that will consume `total_samples` (global)."""
         raise NotImplementedError
 
+    def source_metrics(self) -> dict[str, float]:
+        """Per mixture source: tokens read so far by all ranks, and the epochs they make."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -257,6 +261,8 @@ class ShardStream(TrainData):
         self.micro_batch_size = micro_batch_size
         self._eval: dict[str, torch.Tensor] | None = None
         self._sources = weighted_sources(cfg, run_samples)
+        self._names = [spec.label for spec in mixture_specs(cfg)]
+        self._seq_len = cfg.seq_len
         self.summary = f"{vocab.summary}; {self.loader.summary}"
 
     def train(self, index):
@@ -273,6 +279,14 @@ class ShardStream(TrainData):
 
     def state_dict(self):
         return self.loader.state_dict()
+
+    def source_metrics(self) -> dict[str, float]:
+        drawn, per_epoch = self.loader.drawn_samples(), self.loader.samples_per_epoch
+        metrics = {}
+        for name, samples, epoch in zip(self._names, drawn.tolist(), per_epoch, strict=True):
+            metrics[f"data/tokens/{name}"] = samples * self._seq_len
+            metrics[f"data/epochs/{name}"] = samples / epoch
+        return metrics
 
     def epoch_report(self, total_samples: int) -> str:
         return self.loader.epoch_report(total_samples)

@@ -281,6 +281,7 @@ def train_step(run: Run) -> dict:
         "mfu": flops / elapsed / (run.peak_flops * d.world_size),
         **({"ar_loss": ar_sum / ar_count} if ar_count else {}),  # the hybrid loss's next-token part
         **plan.metrics(),
+        **run.data.source_metrics(),  # tokens and epochs per data source, all ranks (rank 0 logs)
     }
 
 

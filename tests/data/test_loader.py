@@ -568,3 +568,30 @@ def test_bad_arguments_are_refused(data):
         loader(data["a"], dp_rank=2, dp_size=2)
     with pytest.raises(LoaderConfigError, match="weights"):
         loader([(data["a"], 0.0)])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_drawn_samples_count_every_ranks_sources_without_communication(data, num_workers):
+    """Each rank's drawn_samples() equals the sources of the batches all ranks returned, also
+    after an exact resume; one source needs no draws."""
+    sources = [(data["a"], 1.0), (data["b"], 3.0)]
+
+    def run(rank, batches, state=None):
+        ld = loader(sources, dp_rank=rank, dp_size=3, num_workers=num_workers, state=state)
+        got = [next(ld) for _ in range(batches)]
+        drawn, saved = ld.drawn_samples(), ld.state_dict()
+        ld.close()
+        return np.bincount(torch.cat([b["source"] for b in got]).numpy(), minlength=2), drawn, saved
+
+    first = [run(rank, 7) for rank in range(3)]
+    seen = sum(counts for counts, _, _ in first)
+    assert seen.sum() == 3 * 7 * 4 and 0 < seen[0] < seen[1]
+    for _, drawn, _ in first:
+        assert drawn.tolist() == seen.tolist()
+    resumed = [run(rank, 5, state) for rank, (_, _, state) in enumerate(first)]
+    seen = seen + sum(counts for counts, _, _ in resumed)
+    for _, drawn, _ in resumed:
+        assert drawn.tolist() == seen.tolist()
+    single = loader(data["a"], dp_size=3, num_workers=num_workers)
+    take(single, 4)
+    assert single.drawn_samples().tolist() == [3 * 4 * 4]

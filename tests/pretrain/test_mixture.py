@@ -61,3 +61,22 @@ def test_a_recipe_preset_is_named_positionally(capsys):
     assert "/data/fineweb-edu" in capsys.readouterr().err
     assert cli.main(["mixture", "show", "no_such_recipe"]) == 2
     assert "no_such_recipe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_short_run_reads_the_small_source_as_often_as_show_predicts(sources, capsys, tmp_path):
+    """2 data-parallel ranks, 50 steps: the trainer's per-source tokens add up to the run's,
+    and the small source's epochs are show's prediction within the draws' noise (3 sd)."""
+    from tests.dist import QUIET, launch, read_metrics
+
+    run = [*settings(sources, 1600, 3), "model=tiny", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    assert cli.main(["mixture", "show", *run, "cluster.tasks_per_node=2"]) == 0
+    predicted = float(
+        next(li for li in capsys.readouterr().out.splitlines() if li.startswith("small")).split()[4]
+    )
+    launch(2, [*run, "train.log_every=10", "checkpoint.every=0", *QUIET, f"run.dir={tmp_path / 'run'}"])
+    last = [row for row in read_metrics(tmp_path / "run") if "loss" in row][-1]
+    assert last["step"] == 50
+    assert last["data/tokens/small"] + last["data/tokens/big"] == 50 * 8 * SEQ
+    sd = (400 * 0.25 * 0.75) ** 0.5 / 40  # binomial sd of the small source's 400 draws, in epochs
+    assert predicted == 2.5 and abs(last["data/epochs/small"] - predicted) < 3 * sd, last
