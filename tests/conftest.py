@@ -16,3 +16,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(no_gpu)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real Slurm cluster of one node for the tests of a module (tests/slurm_cluster.py; it
+    skips, saying why, only when the packages cannot be installed), torn down after them:
+    nothing it started is left running."""
+    from tests.slurm_cluster import cluster_or_skip
+
+    c = cluster_or_skip(tmp_path_factory.mktemp("slurm"))
+    yield c
+    c.close()
+    assert c.leftovers() == []

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, alive, cluster_or_skip, marked_pids
+from tests.slurm_cluster import SlurmCluster, alive, marked_pids
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,6 @@ ALL_REDUCE = textwrap.dedent(
     dist.destroy_process_group()
     """
 )
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = cluster_or_skip(tmp_path_factory.mktemp("slurm"))
-    yield c
-    c.close()
-    assert c.leftovers() == []
 
 
 def test_srun_two_tasks(cluster):

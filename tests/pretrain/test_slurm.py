@@ -22,7 +22,6 @@ import yaml
 
 from pretrain.slurm import render
 from tests.dist import QUIET, REPO, read_metrics, spawn
-from tests.slurm_cluster import cluster_or_skip
 
 STEPS = 40
 CONFIG = [
@@ -40,14 +39,6 @@ CONFIG = [
     *QUIET,
 ]
 HOSTILE = "$(touch {marker}); `touch {marker}`; x' \" ; rm -rf ~"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = cluster_or_skip(tmp_path_factory.mktemp("slurm"))
-    yield c
-    c.close()
-    assert c.leftovers() == []
 
 
 def submit(cluster, run_dir: Path, *overrides: str) -> int:
