@@ -52,7 +52,7 @@ import math
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 import torch
@@ -101,6 +101,13 @@ def _uniform_rows(keys: np.ndarray, start: int, stop: int) -> np.ndarray:
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@cache
+def _source_keys(seed: int, dp_size: int, worker: int) -> np.ndarray:
+    """The source-draw keys of a logical worker on every data-parallel rank (computed once:
+    Layout.drawn runs every step)."""
+    return np.array([_key(_TAG_SOURCE, seed, r, worker) for r in range(dp_size)], dtype=np.uint64)
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -220,9 +227,7 @@ class Layout:
             return np.array([self.dp_size * (stop - start)], dtype=np.int64)
         weights = np.asarray([src.weight for src in self.sources], dtype=np.float64)
         cum = np.cumsum(weights / weights.sum())
-        keys = np.array(
-            [_key(_TAG_SOURCE, self.seed, r, worker) for r in range(self.dp_size)], dtype=np.uint64
-        )
+        keys = _source_keys(self.seed, self.dp_size, worker)
         counts = np.zeros(len(self.sources), dtype=np.int64)
         chunk = max(1, _REPLAY_CHUNK // self.dp_size)
         for a in range(start, stop, chunk):
