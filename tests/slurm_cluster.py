@@ -141,6 +141,23 @@ def reap_stale() -> list[int]:
     return killed
 
 
+QUERY_RETRIES = 5
+TRANSIENT = re.compile(
+    r"Socket timed out|Unable to contact slurm controller|Connection refused|Resource temporarily"
+)
+
+
+def _is_query(argv: list[str]) -> bool:
+    """A read-only command, safe to repeat (never sbatch/scancel/scontrol update)."""
+    return argv[0] in ("squeue", "sinfo", "sacct") or argv[:2] == ["scontrol", "show"]
+
+
+def _transient(proc: subprocess.CompletedProcess) -> bool:
+    """Failed in talking to slurmctld, not in the answer: killed by a signal (measured in CI:
+    `scontrol show job` died with SIGPIPE while slurmctld was busy) or a timeout/refusal."""
+    return proc.returncode < 0 or (proc.returncode != 0 and bool(TRANSIENT.search(proc.stderr)))
+
+
 class CommandError(subprocess.CalledProcessError):
     def __str__(self) -> str:
         return f"{super().__str__()}\n{self.stdout}{self.stderr}".rstrip()
@@ -306,7 +323,12 @@ class SlurmCluster:
         """A Slurm command (`run("srun", "-n2", "hostname")`) with this cluster's env, text output."""
         kw.setdefault("cwd", self.dir)
         kw.setdefault("env", self.env)
-        proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+        argv = [str(a) for a in args]
+        for attempt in range(QUERY_RETRIES + 1):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+            if not (_is_query(argv) and _transient(proc)) or attempt == QUERY_RETRIES:
+                break
+            time.sleep(0.5 * (attempt + 1))  # slurmctld busy (a CI machine under load): ask again
         if check and proc.returncode != 0:
             raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
