@@ -34,7 +34,11 @@ class TokenizerConfig:
 @dataclass
 class PrepareConfig:
     input: list[str] = field(default_factory=list)  # files, dirs, globs, 'stdlib', 'manpages'
-    output: str = MISSING  # directory for *.tar shards and manifest.json
+    output: str = MISSING  # directory for the shards (or train/eval .bin/.idx) and manifest.json
+    # shards: packed samples of seq_len in webdataset .tar shards (data.source=shards);
+    # megatron: Megatron indexed datasets (train.bin/.idx, eval.bin/.idx), one item per
+    # document, packed at training time by megatron-core (data.source=megatron)
+    format: str = "shards"
     # a `dlm tokenizer` .model, or a Hugging Face tokenizer.json or a directory holding one
     # (e.g. <import>/tokenizer/ of `dlm import-hf`); special ids from its tokenizer_config.json
     tokenizer: str = MISSING

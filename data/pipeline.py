@@ -8,6 +8,9 @@ function from global sample indices to batches: {"tokens": [b, L], "segments": [
 - `data.source=shards`: `dlm prepare` datasets streamed by data/loader.py, split by
   data-parallel rank, resumed exactly from the loader state saved in checkpoints;
   eval batches come from every source's eval split, in proportion to the weights.
+- `data.source=megatron`: Megatron indexed datasets (.bin/.idx, or `dlm prepare
+  format=megatron` directories) through megatron-core's dataset code (parallel/datasets.py),
+  addressed by global sample index like the byte sources.
 
 `describe()` needs no process group and reads no data beyond manifests, so the
 trainer can validate a config before it starts anything.
@@ -44,6 +47,13 @@ def describe(cfg) -> Vocabulary:
     if cfg.source in ("stdlib", "text"):
         t = ByteTokenizer()
         return Vocabulary(t.vocab_size, t.mask_id, t.EOS, t.PAD, None, f"{cfg.source} (bytes)")
+    if cfg.source == "megatron":
+        from parallel.datasets import describe as describe_megatron
+
+        tok, summary = describe_megatron(cfg)
+        return Vocabulary(
+            tok["vocab_size"], tok["mask_id"], tok["eos_id"], tok["pad_id"], tok["sha256"], summary
+        )
     manifests = [load_manifest(src.path) for src in cfg.sources]
     first = manifests[0]["tokenizer"]
     for src, manifest in zip(cfg.sources, manifests, strict=True):
@@ -89,7 +99,7 @@ def token_byte_lengths(cfg) -> torch.Tensor | None:
 
     from data.tokenizer import Tokenizer, load_tokenizer
 
-    path = cfg.tokenizer or load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
+    path = tokenizer_path(cfg)
     tokenizer = load_tokenizer(path) if Path(path).is_file() else None
     if not isinstance(tokenizer, Tokenizer):
         return None
@@ -104,8 +114,19 @@ def decoder(cfg):
 
     from data.tokenizer import load_tokenizer
 
-    path = cfg.tokenizer or load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
+    path = tokenizer_path(cfg)
     return load_tokenizer(path).decode if Path(path).exists() else None
+
+
+def tokenizer_path(cfg) -> str:
+    """data.tokenizer, else the one the first source's manifest names."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.source == "megatron":
+        from parallel.datasets import resolve
+
+        return resolve(0, cfg.sources[0].path).manifest["tokenizer"]["path"]
+    return load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
 
 
 def mixture_specs(cfg) -> list[mixture.Spec]:
@@ -125,10 +146,10 @@ def weighted_sources(cfg, run_samples: int | None) -> list[tuple[str, float]]:
     return [(s.path, w) for s, w in zip(specs, weights, strict=True)]
 
 
-def mixture_plan(cfg, loader, run_samples: int) -> list[mixture.Share]:
+def mixture_plan(cfg, samples_per_epoch: list[int], run_samples: int) -> list[mixture.Share]:
     specs = mixture_specs(cfg)
     try:
-        return mixture.plan(specs, loader.samples_per_epoch, run_samples, cfg.seq_len)
+        return mixture.plan(specs, samples_per_epoch, run_samples, cfg.seq_len)
     except mixture.MixtureError as e:
         raise DataConfigError(str(e)) from e
 
@@ -139,6 +160,10 @@ def check_layout(
     """Fail before any process starts when the shard stream cannot be laid out for this
     many data-parallel ranks and workers, or a source would be repeated more often than its
     max_epochs (reads manifests only, starts no worker). Returns the mixture's plan."""
+    if cfg.source == "megatron":
+        return (
+            None if run_samples is None else checked_plan(cfg, megatron_samples_per_epoch(cfg), run_samples)
+        )
     if cfg.source != "shards":
         return None
     from data.loader import LoaderConfigError, build_train_loader
@@ -159,12 +184,25 @@ def check_layout(
         raise DataConfigError(str(e)) from e
     if run_samples is None:
         return None
-    shares = mixture_plan(cfg, loader, run_samples)
+    return checked_plan(cfg, loader.samples_per_epoch, run_samples)
+
+
+def checked_plan(cfg, samples_per_epoch: list[int], run_samples: int) -> list[mixture.Share]:
+    """The mixture's plan; refused when a source would pass its max_epochs."""
+    shares = mixture_plan(cfg, samples_per_epoch, run_samples)
     try:
         mixture.check(shares)
     except mixture.MixtureError as e:
         raise DataConfigError(str(e)) from e
     return shares
+
+
+def megatron_samples_per_epoch(cfg) -> list[int]:
+    """Samples of seq_len tokens in one pass over each Megatron source's train documents."""
+    from parallel.datasets import resolve, train_tokens
+
+    sources = [resolve(i, s.path) for i, s in enumerate(cfg.sources)]
+    return [max(1, n // cfg.seq_len) for n in train_tokens(sources, cfg.eval_fraction)]
 
 
 def eos_segments(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -192,8 +230,9 @@ class TrainData:
         """One line for the start of a run that will consume `total_samples` (global)."""
         raise NotImplementedError
 
-    def source_metrics(self) -> dict[str, float]:
-        """Per mixture source: tokens read so far by all ranks, and the epochs they make."""
+    def source_metrics(self, samples_read: int) -> dict[str, float]:
+        """Per mixture source: tokens read so far by all ranks (`samples_read` samples in
+        all), and the epochs they make."""
         return {}
 
     def close(self) -> None:
@@ -280,7 +319,7 @@ class ShardStream(TrainData):
     def state_dict(self):
         return self.loader.state_dict()
 
-    def source_metrics(self) -> dict[str, float]:
+    def source_metrics(self, samples_read: int) -> dict[str, float]:
         drawn, per_epoch = self.loader.drawn_samples(), self.loader.samples_per_epoch
         metrics = {}
         for name, samples, epoch in zip(self._names, drawn.tolist(), per_epoch, strict=True):
@@ -347,9 +386,21 @@ def build(
     dp_size: int,
     state: dict[str, Any] | None,
     run_samples: int | None = None,
+    reads: bool = True,
+    cache_dir: str | None = None,
 ) -> TrainData:
     """The training data of one rank; run_samples (samples read over the whole run, all
-    ranks) turns token budgets into sampling weights."""
+    ranks) turns token budgets into sampling weights. A rank that does not read gets
+    NoData; with data.source=megatron every rank must call this (megatron's index build is
+    collective), cache_dir being where it caches its index."""
+    if cfg.source == "megatron":
+        from parallel.datasets import open_samples
+
+        return open_samples(
+            cfg, vocab, seed=seed, run_samples=run_samples, state=state, cache_dir=cache_dir, reads=reads
+        )
+    if not reads:
+        return NoData()
     if cfg.source in ("stdlib", "text"):
         return ByteWindows(cfg, seed)
     return ShardStream(

@@ -182,10 +182,12 @@ HASHED = (
     "seed",
 )
 _TMP = re.compile(
-    r"^(?:(?:train|eval)-\d{5}\.tar|manifest\.json|(?:prepare|merge)\.state\.json|prepare\.state\.\d{6}\.bin)\.tmp$"
+    r"^(?:(?:train|eval)-\d{5}\.tar|(?:train|eval)\.(?:bin|idx)|manifest\.json|(?:prepare|merge)\.state\.json"
+    r"|prepare\.state\.\d{6}\.bin)\.tmp$"
 )
 _CARRY = re.compile(r"^prepare\.state\.\d{6}\.bin$")
-_SHARD = re.compile(r"^(?:train|eval)-\d{5}\.tar$")
+_SHARD = re.compile(r"^(?:(?:train|eval)-\d{5}\.tar|(?:train|eval)\.(?:bin|idx))$")  # or megatron's files
+FORMATS = ("shards", "megatron")
 
 # Test hook: called with "shard_written" (by runs and merges), "state_saved",
 # "manifest_written" (before the state file is removed) or "merge_manifest_written";
@@ -346,8 +348,9 @@ class _Split:
     pending: list[np.ndarray] = field(default_factory=list)  # < seq_len tokens after `ready`
     pending_len: int = 0
 
-    def add(self, tokens: np.ndarray) -> int:
-        """Append tokens to the stream; write every full shard; returns shards written."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> int:
+        """Append tokens to the stream (whole documents, `lengths` ids each: not needed to
+        pack); write every full shard; returns shards written."""
         if tokens.size == 0:
             return 0
         self.pending.append(tokens)
@@ -401,6 +404,64 @@ class _Split:
         }
 
 
+@dataclass
+class _IndexedSplit:
+    """format=megatron: the split's documents, one item each, into `<out>/<name>.bin/.idx`
+    (parallel/datasets.IndexedWriter, megatron-core's builder, renamed into place when
+    finished). megatron-core cuts them into samples at training time: nothing is packed or
+    dropped here. Nothing is resumable mid-file: an interrupted run starts the file again."""
+
+    name: str
+    vocab_size: int
+    dtype: str
+    out: Path
+    shards: list[dict] = field(default_factory=list)  # none (the state file's shape)
+    samples: int = 0
+    tokens: int = 0
+    documents: int = 0
+    bin_bytes: int = 0
+    writer: object = None
+
+    def _writer(self):
+        if self.writer is None:
+            from parallel.datasets import IndexedWriter
+
+            self.writer = IndexedWriter(self.out / self.name, self.vocab_size)
+        return self.writer
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> int:
+        writer, start = self._writer(), 0
+        for length in lengths[lengths > 0].tolist():
+            writer.add(tokens[start : start + length])
+            start += length
+        self.tokens += int(tokens.size)
+        return 0
+
+    def finish(self) -> np.ndarray:
+        self._writer().finish()
+        self.bin_bytes = (self.out / f"{self.name}.bin").stat().st_size
+        return np.zeros(0, dtype=self.dtype)
+
+    def append(self, prefix: Path, summary: dict) -> None:
+        """Every document of a part's complete prefix (the merge); summary: its manifest entry."""
+        self._writer().append(prefix, summary["documents"], summary["tokens"])
+        self.documents += summary["documents"]
+
+    def carry(self) -> np.ndarray:
+        return np.zeros(0, dtype=self.dtype)
+
+    def summary(self) -> dict:
+        counts = {"documents": self.documents, "tokens": self.writer.tokens if self.writer else self.tokens}
+        return {"prefix": self.name, "bin_bytes": self.bin_bytes, **counts, "shards": [], "samples": 0}
+
+
+def _splits(cfg: PrepareConfig, vocab_size: int, dtype: str, eos_id: int, out: Path) -> dict:
+    """The writers of the train and eval splits, of cfg.format."""
+    if cfg.format == "megatron":
+        return {s: _IndexedSplit(s, vocab_size, dtype, out) for s in SPLITS}
+    return {s: _Split(s, cfg.seq_len, cfg.samples_per_shard, dtype, eos_id, out) for s in SPLITS}
+
+
 # -- files -------------------------------------------------------------------------------------------------
 def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
@@ -440,12 +501,15 @@ def _configuration(
     listing = [[os.path.abspath(f.path), f.size, f.mtime_ns] for f in files]
     inputs_sha = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     scope = _partition_scope(cfg, partition)
+    # format=shards adds no key: the hashes of datasets prepared before `format` existed hold
+    scope_format = {} if cfg.format == "shards" else {"output_format": cfg.format}
     config = {
         "input": list(cfg.input),
         "tokenizer": str(cfg.tokenizer),
         "on_error": cfg.on_error,
         **{key: getattr(cfg, key) for key in HASHED},
         **scope,
+        **scope_format,
         "tokenizer_sha256": tok.sha256,
         "inputs_sha256": inputs_sha,
         "input_files": len(files),
@@ -455,6 +519,7 @@ def _configuration(
         "version": PREPARE_VERSION,
         **{key: config[key] for key in (*HASHED, "tokenizer_sha256", "inputs_sha256")},
         **scope,
+        **scope_format,
     }
     return config, hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
 
@@ -493,9 +558,22 @@ def _remove_leftovers(out: Path, keep_carry: str | None = None) -> None:
             p.unlink()
 
 
+def manifest_format(cfg: PrepareConfig) -> str:
+    if cfg.format == "megatron":
+        from parallel.datasets import FORMAT as MEGATRON_FORMAT
+
+        return MEGATRON_FORMAT
+    return FORMAT
+
+
 def _complete(out: Path, manifest: dict) -> str | None:
-    """None if every shard of the manifest is present with its size, else what is wrong."""
+    """None if every shard (megatron: .bin/.idx) of the manifest is present with its size,
+    else what is wrong."""
     for split in manifest.get("splits", {}).values():
+        if "prefix" in split:
+            data, index = out / f"{split['prefix']}.bin", out / f"{split['prefix']}.idx"
+            if not index.is_file() or not data.is_file() or data.stat().st_size != split["bin_bytes"]:
+                return f"{data} or {index} is missing or has the wrong size"
         for shard in split.get("shards", []):
             path = out / shard["name"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -615,8 +693,7 @@ class _Run:
         self.partition = partition
         self.first_file = first_file  # the number of files[0] in the whole resolved list (is_eval)
         self.config, self.config_hash = _configuration(cfg, self.tok, self.files, partition)
-        shape = (cfg.seq_len, cfg.samples_per_shard, self.dtype, self.tok.eos_id, self.out)
-        self.splits = {s: _Split(s, *shape) for s in SPLITS}
+        self.splits = _splits(cfg, self.tok.vocab_size, self.dtype, self.tok.eos_id, self.out)
         self.consumed = 0  # documents_consumed of the state
         self.resumed_from = 0
         self.generation = 0
@@ -743,15 +820,15 @@ class _Run:
             seed, first, fraction = cfg.seed, self.first_file, cfg.eval_fraction
             held = np.array([is_eval(seed, first + f, d, fraction) for _, f, _, d in batch], dtype=bool)
             per_token = np.repeat(held, lengths)
-            for name, docs, tokens in (
-                ("train", (~held & (lengths > 0)).sum(), flat[~per_token]),
-                ("eval", (held & (lengths > 0)).sum(), flat[per_token]),
+            for name, docs, tokens, split_lengths in (
+                ("train", (~held & (lengths > 0)).sum(), flat[~per_token], lengths[~held]),
+                ("eval", (held & (lengths > 0)).sum(), flat[per_token], lengths[held]),
             ):
                 self.splits[name].documents += int(docs)
-                written += self.splits[name].add(tokens)
+                written += self.splits[name].add(tokens, split_lengths)
         else:
             self.splits["train"].documents += int((lengths > 0).sum())
-            written += self.splits["train"].add(flat)
+            written += self.splits["train"].add(flat, lengths)
         self.consumed = batch[-1][0] + 1
         if written:
             self.save_state()
@@ -847,7 +924,7 @@ class _Run:
             raise RuntimeError(f"document accounting does not reconcile ({read=}, {written=}, {skipped})")
         samples = sum(s.samples for s in self.splits.values())
         manifest = {
-            "format": FORMAT,
+            "format": manifest_format(cfg),
             "seq_len": cfg.seq_len,
             "dtype": self.dtype,
             "tokenizer": self.tok.describe(),
@@ -891,13 +968,11 @@ class _Run:
 
     def report(self, m: dict) -> None:
         seconds = time.perf_counter() - self.start
-        shards = {s: len(m["splits"][s]["shards"]) for s in SPLITS}
         rate = self.tokens_this_run / max(seconds, 1e-9)
         print(
             f"dlm prepare: {m['documents_written']:,} documents -> {m['tokens']:,} tokens in "
-            f"{m['samples']:,} samples of {m['seq_len']} in {sum(shards.values())} shards "
-            f"(train {shards['train']}, eval {shards['eval']}) in {seconds:.1f} s "
-            f"({rate / 1e6:.2f}M tokens/s, {self.cfg.workers} workers) -> {self.out}"
+            f"{written_as(m)} in {seconds:.1f} s ({rate / 1e6:.2f}M tokens/s, {self.cfg.workers} workers) "
+            f"-> {self.out}"
         )
         skipped = sum(m["documents_skipped"].values())
         print(
@@ -905,7 +980,7 @@ class _Run:
             + (f": {m['documents_skipped']}" if skipped else "")
             + f"; dropped the last {m['tokens_dropped']:,} tokens (tails shorter than seq_len)"
         )
-        if not m["splits"]["train"]["samples"]:
+        if not m["splits"]["train"]["samples"] and m["format"] == FORMAT:
             print(f"  warning: the train split is empty: its documents hold < seq_len={m['seq_len']} tokens")
         for example in m["skipped_examples"][:PRINT_EXAMPLES]:
             print(f"  skipped {example}")
@@ -1008,7 +1083,7 @@ class _Partitioned:
         (self.out / MERGE_STATE).unlink(missing_ok=True)  # a merge killed after writing its manifest
         task = "" if self.cfg.partition is None else f" for partition={self.cfg.partition}"
         print(
-            f"dlm prepare: {self.out} is up to date ({manifest['samples']:,} samples, config "
+            f"dlm prepare: {self.out} is up to date ({manifest['tokens']:,} tokens, config "
             f"{self.config_hash[:12]}); nothing to do{task}"
         )
         return manifest
@@ -1139,8 +1214,14 @@ class _Merge:
         """The split's token stream, part after part (its samples, then its tail), packed
         again exactly as one run packs it: (the split's summary, tokens dropped at its end)."""
         first = parts[0]
-        shape = (first["seq_len"], self.plan.cfg.samples_per_shard, first["dtype"], self.eos_id, self.out)
-        packer = _Split(split, *shape)
+        packer = _splits(self.plan.cfg, self.plan.tok.vocab_size, first["dtype"], self.eos_id, self.out)[
+            split
+        ]
+        if isinstance(packer, _IndexedSplit):  # whole documents: the parts' files one after another
+            for index, part in enumerate(parts):
+                packer.append(self.plan.part_dir(index) / split, part["splits"][split])
+            packer.finish()
+            return packer.summary(), 0
         for index, part in enumerate(parts):
             for tokens in self.part_stream(index, part, split):
                 packer.add(tokens)
@@ -1179,7 +1260,7 @@ class _Merge:
                 f"the parts wrote {totals['documents_written']} documents, their splits {documents}"
             )
         return {
-            "format": FORMAT,
+            "format": manifest_format(self.plan.cfg),
             **{key: first[key] for key in ("seq_len", "dtype", "tokenizer")},
             "splits": splits,
             **{key: totals[key] for key in ("documents_read", "documents_written", "documents_skipped")},
@@ -1197,13 +1278,27 @@ class _Merge:
 
     def report(self, m: dict, parts: int) -> None:
         seconds = time.perf_counter() - self.plan.start
-        shards = {split: len(m["splits"][split]["shards"]) for split in SPLITS}
         print(
-            f"dlm prepare: merged {parts} parts -> {m['tokens']:,} tokens in {m['samples']:,} "
-            f"samples of {m['seq_len']} in {sum(shards.values())} shards (train {shards['train']}, "
-            f"eval {shards['eval']}) in {seconds:.1f} s -> {self.out}"
+            f"dlm prepare: merged {parts} parts -> {m['tokens']:,} tokens in {written_as(m)} "
+            f"in {seconds:.1f} s -> {self.out}"
         )
         _report_duplicates(m)
+
+
+def written_as(m: dict) -> str:
+    """What a manifest's dataset is made of, for the reports."""
+    splits = m["splits"]
+    if m["format"] != FORMAT:
+        docs = {split: splits[split]["documents"] for split in SPLITS}
+        return (
+            f"Megatron indexed datasets {splits['train']['prefix']}.bin/.idx ({docs['train']:,} documents) "
+            f"and {splits['eval']['prefix']}.bin/.idx ({docs['eval']:,})"
+        )
+    shards = {split: len(splits[split]["shards"]) for split in SPLITS}
+    return (
+        f"{m['samples']:,} samples of {m['seq_len']} in {sum(shards.values())} shards "
+        f"(train {shards['train']}, eval {shards['eval']})"
+    )
 
 
 def _report_duplicates(m: dict) -> None:
@@ -1267,6 +1362,8 @@ def check_config(cfg: PrepareConfig) -> None:
     run() again, for callers in Python)."""
     if not cfg.input:
         raise PrepareError("prepare: input=[...] is empty (files, directories, globs, stdlib, manpages)")
+    if cfg.format not in FORMATS:
+        raise PrepareError(f"format={cfg.format!r} is not one of {FORMATS}")
     if cfg.on_error not in ON_ERROR:
         raise PrepareError(f"on_error={cfg.on_error!r} is not one of {ON_ERROR}")
     for key in ("seq_len", "workers", "chunk_chars", "samples_per_shard", "partitions"):
@@ -1299,7 +1396,7 @@ def _prepare(prep: _Run) -> dict:
     manifest = prep.prepare_output()
     if manifest is not None:
         print(
-            f"dlm prepare: {prep.out} is up to date ({manifest['samples']:,} samples, config "
+            f"dlm prepare: {prep.out} is up to date ({manifest['tokens']:,} tokens, config "
             f"{prep.config_hash[:12]}); nothing to do"
         )
         return manifest

@@ -59,19 +59,26 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "stdlib"  # preset name, set by the conf/data/ option
-    # where the samples come from: stdlib | text | shards.
+    # where the samples come from: stdlib | text | shards | megatron.
     # stdlib | text: byte-level tokens of this Python's standard library / of data.paths;
-    # shards: `dlm prepare` datasets in data.sources, streamed (data/loader.py).
+    # shards: `dlm prepare` datasets in data.sources, streamed (data/loader.py);
+    # megatron: Megatron .bin/.idx prefixes or `dlm prepare format=megatron` directories in
+    # data.sources, through megatron-core's GPTDataset/BlendedDataset (parallel/datasets.py).
     source: str = "stdlib"
     paths: list[str] = field(default_factory=list)  # text: files, directories or globs to read
     seq_len: int = 64  # tokens per sample (<= model.max_seq_len; shards: as prepared)
     max_bytes: int | None = None  # bytes sources: read at most this many bytes
-    eval_fraction: float = 0.01  # bytes sources: share of the windows held out for evaluation
+    # bytes sources: share of the windows held out for evaluation; megatron prefixes: share
+    # of the documents (megatron's split)
+    eval_fraction: float = 0.01
     sources: list[SourceConfig] = field(default_factory=list)  # shards: the datasets to mix, with weights
     # shards: the tokenizer they were made with (a .model, a tokenizer.json or a directory holding one)
     tokenizer: str | None = None
     num_workers: int = 2  # shards: DataLoader workers per rank
     shuffle_shards: int = 2  # shards: this many shards are shuffled together
+    # megatron: where megatron-core caches its sample index (a file system every node sees);
+    # None: <run.dir>/megatron_index
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -220,7 +227,7 @@ CHOICES = {
     "model.attention": ("bidirectional", "document", "causal"),
     "model.spec": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
-    "data.source": ("stdlib", "text", "shards"),
+    "data.source": ("stdlib", "text", "shards", "megatron"),
     "objective.t_sampling": ("uniform", "stratified"),
     "objective.weighting": ("elbo", "uniform"),
     "objective.normalization": ("tokens", "masked"),
@@ -391,9 +398,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if cfg.data.source == "shards":
+    if cfg.data.source in ("shards", "megatron"):
         if not cfg.data.sources:
-            raise ConfigError("data.source=shards needs data.sources=[{path: DIR, weight: 1.0}, ...]")
+            raise ConfigError(
+                f"data.source={cfg.data.source} needs data.sources=[{{path: ..., weight: 1.0}}, ...]"
+            )
         if any(src.weight <= 0 for src in cfg.data.sources):
             raise ConfigError("data.sources: every weight must be positive")
         for src in cfg.data.sources:

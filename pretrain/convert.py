@@ -56,6 +56,7 @@ BYTE_TOKENIZER_NOTE = (
     "byte-level run: no tokenizer written (ids 0-255 are bytes, 256 pad, 257 bos, 258 eos, 259 mask)"
 )
 BYTE_SOURCES = ("stdlib", "text")
+TOKENIZED_SOURCES = ("shards", "megatron")  # read with a tokenizer: data.tokenizer or a manifest's
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # The Gemma config keys that make transformers (5.23) run every path bidirectionally:
 # - use_bidirectional_attention: GemmaAttention.is_causal = False (modeling_gemma.py), which SDPA
@@ -389,7 +390,7 @@ def find_tokenizer(checkpoint: Path, config, state: dict) -> tuple[Path | None, 
         if run_tok.is_dir() and any(run_tok.iterdir()):
             return run_tok, f"copied from {run_tok}"
         data = cfg.data
-        if data.source == "shards":
+        if data.source in TOKENIZED_SOURCES:
             model = data.tokenizer or (_manifest_tokenizer(data) or {}).get("path")
             folder = Path(model) if model and Path(model).is_dir() else Path(model or ".").parent
             if model and (folder / "tokenizer.json").is_file():
@@ -403,10 +404,16 @@ def find_tokenizer(checkpoint: Path, config, state: dict) -> tuple[Path | None, 
 
 
 def _manifest_tokenizer(data) -> dict | None:
-    """The tokenizer record of a shards run's first dataset: path, sha256, special ids."""
+    """The tokenizer record of a shards run's first dataset (a megatron run's tokenizer):
+    path, sha256, special ids."""
     try:
         from data.shards import load_manifest
 
+        if data.source == "megatron":
+            from data.pipeline import tokenizer_path
+            from data.tokenizer import load_tokenizer
+
+            return load_tokenizer(tokenizer_path(data)).describe()
         return load_manifest(data.sources[0].path)["tokenizer"]
     except Exception:  # noqa: BLE001 - a missing dataset only means no tokenizer to copy, no ids to take
         return None
@@ -450,7 +457,7 @@ def _training_data_token_ids(checkpoint: Path, config, state: dict) -> dict:
     for _, cfg, st in _lineage(checkpoint, config, state):
         if st.get("imported_from"):
             return {}
-        if cfg.data.source == "shards":
+        if cfg.data.source in TOKENIZED_SOURCES:
             record = _manifest_tokenizer(cfg.data) or {}
             return {f"{name}_token_id": record.get(f"{name}_id") for name in ("bos", "eos", "pad")}
         if cfg.data.source in BYTE_SOURCES and not cfg.checkpoint.init_from:

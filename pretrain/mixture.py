@@ -23,9 +23,10 @@ def show(overrides: list[str]) -> int:
     from pretrain.slurm import tasks_per_node
 
     cfg = load_config(overrides)
-    if cfg.data.source != "shards":
+    if cfg.data.source not in ("shards", "megatron"):
         print(
-            f"dlm mixture: data.source={cfg.data.source}: a mixture needs data.source=shards", file=sys.stderr
+            f"dlm mixture: data.source={cfg.data.source}: a mixture needs data.source=shards or megatron",
+            file=sys.stderr,
         )
         return 2
     vocab = pipeline.describe(cfg.data)
@@ -52,6 +53,10 @@ def layout_shares(cfg, vocab, derived):
     from data import pipeline
     from data.loader import build_train_loader
 
+    if cfg.data.source == "megatron":
+        return pipeline.mixture_plan(
+            cfg.data, pipeline.megatron_samples_per_epoch(cfg.data), derived.run_samples
+        )
     loader = build_train_loader(
         pipeline.weighted_sources(cfg.data, derived.run_samples),
         seq_len=cfg.data.seq_len,
@@ -63,7 +68,7 @@ def layout_shares(cfg, vocab, derived):
         shuffle_shards=cfg.data.shuffle_shards,
         tokenizer_sha256=vocab.tokenizer_sha256,
     )
-    return pipeline.mixture_plan(cfg.data, loader, derived.run_samples)
+    return pipeline.mixture_plan(cfg.data, loader.samples_per_epoch, derived.run_samples)
 
 
 def main(argv: list[str]) -> int:

@@ -281,8 +281,13 @@ def train_step(run: Run) -> dict:
         "mfu": flops / elapsed / (run.peak_flops * d.world_size),
         **({"ar_loss": ar_sum / ar_count} if ar_count else {}),  # the hybrid loss's next-token part
         **plan.metrics(),
-        **run.data.source_metrics(),  # tokens and epochs per data source, all ranks (rank 0 logs)
+        **run.data.source_metrics(samples_read(run)),  # tokens and epochs per source, all ranks (rank 0 logs)
     }
+
+
+def samples_read(run: Run) -> int:
+    """Samples read so far by all ranks (a sample fills two rows under complementary masking)."""
+    return run.consumed_samples // run.cfg.train.micro_batch_size * run.derived.data_micro_batch_size
 
 
 def step_plan(cfg: Config, step: int) -> StepCurriculum:
@@ -492,9 +497,8 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
 
 
 def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) -> pipeline.TrainData:
-    """The data stream on ranks that read for their tensor-parallel group, else nothing."""
-    if not run.reads_data:
-        return pipeline.NoData()
+    """The data stream on ranks that read for their tensor-parallel group, else nothing
+    (every rank calls it: building megatron's sample index is collective)."""
     return pipeline.build(
         run.cfg.data,
         vocab,
@@ -504,6 +508,8 @@ def build_data(run: Run, vocab: pipeline.Vocabulary, data_state: dict | None) ->
         dp_size=run.topo.dp,
         state=data_state,
         run_samples=run.derived.run_samples,
+        reads=run.reads_data,
+        cache_dir=run.cfg.data.cache_dir or str(run.run_dir / "megatron_index"),
     )
 
 

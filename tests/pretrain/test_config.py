@@ -135,7 +135,7 @@ def test_every_allowed_choice_composes():
     # a few compositions cover every allowed value of every key
     for i in range(max(len(v) for v in CHOICES.values())):
         chosen = {key: values[i % len(values)] for key, values in CHOICES.items()}
-        shards = chosen["data.source"] == "shards"
+        shards = chosen["data.source"] in ("shards", "megatron")
         extra = ["data.sources=[{path:/some/dataset,weight:1.0}]"] if shards else []
         cfg = load_config([f"{key}={value}" for key, value in chosen.items()] + extra)
         for key, value in chosen.items():
