@@ -526,8 +526,8 @@ def _configuration(
 
 def _differences(old: dict, new: dict) -> str:
     changed = []
-    for key in ("partitions", "partition"):
-        default = 1 if key == "partitions" else None
+    for key in ("partitions", "partition", "output_format"):
+        default = {"partitions": 1, "output_format": "shards"}.get(key)
         if old.get(key, default) != new.get(key, default):
             changed.append(f"{key} {old.get(key, default)!r} -> {new.get(key, default)!r}")
     for key in (*HASHED, "tokenizer_sha256", "inputs_sha256"):

@@ -156,6 +156,17 @@ def check_ids(source: Source, vocab_size: int, eos_id: int) -> dict:
     return {"documents": count, "tokens": int(dataset.sequence_lengths.sum()), "eos_ended": ended / checked}
 
 
+def all_prepared(sources: list[Source]) -> bool:
+    """True when every source is a prepared directory, False when every one is a prefix."""
+    prepared = {s.manifest is not None for s in sources}
+    if len(prepared) > 1:
+        raise DataConfigError(
+            "data.sources: mix either `dlm prepare format=megatron` directories or Megatron prefixes, "
+            "not both (the eval split is a prepared directory's own, or a share of a prefix's documents)"
+        )
+    return prepared == {True}
+
+
 class _Vocab:
     """What GPTDataset asks of a tokenizer (no `pad`: no id is rewritten as padding)."""
 
@@ -179,17 +190,11 @@ def gpt_config(sources: list[Source], weights, *, seq_len, seed, eval_fraction, 
         add_extra_token_to_sequence=False,
         path_to_cache=str(cache_dir) if cache_dir and torch.distributed.is_initialized() else None,
     )
-    prepared = [s.manifest is not None for s in sources]
-    if all(prepared):
+    if all_prepared(sources):
         evals = [s.eval for s in sources]
         eval_blend = (evals, blend_weights) if all(evals) else None
         per_split = [([s.train for s in sources], blend_weights), eval_blend, None]
         return GPTDatasetConfig(blend_per_split=per_split, **common)
-    if any(prepared):
-        raise DataConfigError(
-            "data.sources: mix either `dlm prepare format=megatron` directories or Megatron prefixes, "
-            "not both (the eval split is a prepared directory's own, or a share of a prefix's documents)"
-        )
     split = f"{1 - eval_fraction},{eval_fraction},0"
     return GPTDatasetConfig(blend=([s.train for s in sources], blend_weights), split=split, **common)
 
@@ -353,6 +358,7 @@ def describe(cfg) -> tuple[dict, str]:
     from data.tokenizer import load_tokenizer
 
     sources = [resolve(i, s.path) for i, s in enumerate(cfg.sources)]
+    all_prepared(sources)
     named = [s.manifest["tokenizer"] for s in sources if s.manifest is not None]
     path = cfg.tokenizer or (named[0]["path"] if named else None)
     if path is None:
