@@ -61,6 +61,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/loader_throughput.py
+	$(PY) bench/loader_sources.py
 	$(PY) bench/convert_throughput.py
 	$(PY) bench/curriculum_throughput.py
 

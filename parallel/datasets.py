@@ -366,7 +366,11 @@ def describe(cfg) -> tuple[dict, str]:
             "data.source=megatron needs data.tokenizer: the tokenizer the corpus was made with "
             "(a Megatron .bin/.idx does not record it)"
         )
-    tokenizer = load_tokenizer(path).describe()
+    try:
+        tokenizer = load_tokenizer(path).describe()
+    except (OSError, ValueError) as e:
+        key = "data.tokenizer" if cfg.tokenizer else f"the tokenizer {sources[0].key} names"
+        raise DataConfigError(f"{key}: {e}") from e
     for source in sources:
         made_with = source.manifest["tokenizer"] if source.manifest else None
         if made_with and made_with["sha256"] != tokenizer["sha256"]:
