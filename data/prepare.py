@@ -9,7 +9,13 @@ Pipeline (the on-disk format is data/shards.py):
 
 - read (main process): every resolved input file through its own
   `data.sources.DocumentReader` (so the manifest can account per file), in the stable
-  order of `resolve_inputs`;
+  order of `resolve_inputs`. A whole-file document (plain text) longer than
+  TEXT_PIECE_BYTES is read in pieces of about that size, each ending after a newline where
+  `tok.cuts` allows a cut (data.sources.TextPieces; one streamed pass checks it first), so
+  memory holds a piece, not the file; the pieces are encoded as the chunks below (a
+  continuation piece after the character before it when the tokenizer has a dummy prefix),
+  EOS follows the last one, and they count as one document: the shards are those of
+  reading it whole (tested for every tokenizer kind). Without cuts, documents are read whole;
 - tokenize: documents are sent in batches to `cfg.workers` processes (a Pool whose
   initializer loads the Tokenizer once per process; at most 2 * workers batches in flight,
   results taken back in submission order, i.e. an ordered imap with back-pressure), or
@@ -59,11 +65,12 @@ different (or unknown) configuration in the output directory is an error naming 
 directory; other files there are ignored. There is no overwrite switch: delete the
 directory or choose another output.
 
-Resuming. `prepare.state.json` (format "dlm-prepare-state/1"), written atomically at the
+Resuming. `prepare.state.json` (format "dlm-prepare-state/2"), written atomically at the
 start and after every batch of documents during which a shard was completed::
 
   format, config_hash, config (as in the manifest), generation, dtype,
-  documents_consumed   documents yielded by the readers whose tokens are all in completed
+  documents_consumed   items (documents, or pieces of a long whole-file document: version 2)
+                       yielded by the readers whose tokens are all in completed
                        shards or in the carry (the next run skips them by counting: they are
                        read again, which recomputes the reader accounting, but not tokenized),
   carry: {file, sha256, train, eval}   prepare.state.<generation:06d>.bin holds the tokens
@@ -155,12 +162,12 @@ from data.shards import (
     token_dtype,
     write_shard,
 )
-from data.sources import EMBEDDED, MAX_EXAMPLES, ON_ERROR, DocumentReader, resolve_arguments
+from data.sources import EMBEDDED, MAX_EXAMPLES, ON_ERROR, DocumentReader, TextPieces, resolve_arguments
 from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 PREPARE_VERSION = 3  # bump when a code change alters the bytes written for the same config
 STATE = "prepare.state.json"
-STATE_FORMAT = "dlm-prepare-state/1"
+STATE_FORMAT = "dlm-prepare-state/2"  # 2: documents_consumed counts pieces of long documents
 MERGE_STATE = "merge.state.json"
 MERGE_STATE_FORMAT = "dlm-merge-state/1"
 PARTS = "parts"  # <output>/parts/<partition:05d>/: the parts of partitions > 1
@@ -170,6 +177,7 @@ MAX_INPUT_ENTRIES = 10_000  # above this many input files, `inputs` is per input
 PRINT_EXAMPLES = 10
 BATCH_CHARS = 1 << 20  # characters of text per tokenization task
 BATCH_DOCS = 2048  # documents per tokenization task
+TEXT_PIECE_BYTES = 8 << 20  # whole-file documents longer than this are read in pieces (bounded memory)
 HASHED = (
     "jsonl_field",
     "filter_field",
@@ -285,11 +293,15 @@ class _Encoder:
             self.heads[char] = self.tok.encode_batch_numpy([char])[0]
         return self.heads[char]
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(per-document token counts incl. EOS (0: no ids, no EOS), flat ids in `dtype`)."""
+    def encode(self, texts: list[tuple[str, str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per (character before, text, final) of a document or of a piece of one (a
+        continuation piece has a character before it; only a final piece ends in EOS):
+        (token counts incl. EOS (0: no ids, no EOS), flat ids in `dtype`)."""
         inputs, counts = [], []
-        for text in texts:
+        for before, text, _ in texts:
             cut = self.inputs(text)
+            if before and self.tok.cuts.context:  # a continuation piece read by the reader
+                cut[0] = (before, cut[0][1])
             inputs.extend(cut)
             counts.append(len(cut))
         # One thread per process: the processes are the parallelism (cfg.workers).
@@ -301,10 +313,13 @@ class _Encoder:
             ids = encoded[i : i + count]
             i += count
             n = sum(int(a.size) for a in ids)
-            if n:
-                parts.extend(ids)
+            before, _, final = texts[d]
+            parts.extend(ids)
+            # EOS ends a document with ids; a document in pieces has them (it is not blank)
+            eos_here = final and (n > 0 or bool(before))
+            if eos_here:
                 parts.append(eos)
-                lengths[d] = n + 1
+            lengths[d] = n + eos_here
         flat = np.concatenate(parts).astype(self.dtype) if parts else np.zeros(0, dtype=self.dtype)
         return lengths, flat
 
@@ -326,7 +341,7 @@ def _init_worker(tokenizer: str, sha256: str, dtype: str, chunk_chars: int) -> N
     _WORKER["encoder"] = _Encoder(tok, dtype, chunk_chars)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode_in_worker(texts: list[tuple[str, str, bool]]) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER["encoder"].encode(texts)
 
 
@@ -348,9 +363,11 @@ class _Split:
     pending: list[np.ndarray] = field(default_factory=list)  # < seq_len tokens after `ready`
     pending_len: int = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> int:
-        """Append tokens to the stream (whole documents, `lengths` ids each: not needed to
-        pack); write every full shard; returns shards written."""
+    def add(
+        self, tokens: np.ndarray, lengths: np.ndarray | None = None, finals: np.ndarray | None = None
+    ) -> int:
+        """Append tokens to the stream (documents or pieces of one, `lengths` ids each, the
+        last piece `final`: not needed to pack); write every full shard; returns shards written."""
         if tokens.size == 0:
             return 0
         self.pending.append(tokens)
@@ -429,10 +446,16 @@ class _IndexedSplit:
             self.writer = IndexedWriter(self.out / self.name, self.vocab_size)
         return self.writer
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> int:
+    def add(
+        self, tokens: np.ndarray, lengths: np.ndarray | None = None, finals: np.ndarray | None = None
+    ) -> int:
+        """Documents, or pieces of one (a document ends with its final piece)."""
         writer, start = self._writer(), 0
-        for length in lengths[lengths > 0].tolist():
-            writer.add(tokens[start : start + length])
+        for length, final in zip(lengths.tolist(), finals.tolist(), strict=True):
+            if length:
+                writer.add_piece(tokens[start : start + length])
+            if final and writer.pending:
+                writer.end_document()
             start += length
         self.tokens += int(tokens.size)
         return 0
@@ -801,14 +824,15 @@ class _Run:
         return None
 
     # main loop --------------------------------------------------------------------------------------------
-    def handle(self, batch: list[tuple[int, int, str]], lengths: np.ndarray, flat: np.ndarray) -> None:
-        """Pack one tokenized batch [(ordinal, file index, where, document number in its file)]
-        (file index within self.files); save the state if a shard
-        was completed."""
+    def handle(self, batch: list[tuple], lengths: np.ndarray, flat: np.ndarray) -> None:
+        """Pack one tokenized batch [(ordinal, file index, where, document number in its file,
+        final)] (file index within self.files; final: the last piece of a document read in
+        pieces, True for the others); save the state if a shard was completed."""
         cfg = self.cfg
+        finals = np.array([item[4] for item in batch], dtype=bool)
         if not lengths.all():
-            for (_, file_index, where, _), n in zip(batch, lengths, strict=True):
-                if n == 0:
+            for (_, file_index, where, _, final), n in zip(batch, lengths, strict=True):
+                if n == 0 and final:
                     nt = self.no_tokens
                     nt["count"] += 1
                     nt["per_file"][str(file_index)] = nt["per_file"].get(str(file_index), 0) + 1
@@ -818,17 +842,19 @@ class _Run:
         written = 0
         if cfg.eval_fraction > 0:
             seed, first, fraction = cfg.seed, self.first_file, cfg.eval_fraction
-            held = np.array([is_eval(seed, first + f, d, fraction) for _, f, _, d in batch], dtype=bool)
+            held = np.array([is_eval(seed, first + f, d, fraction) for _, f, _, d, _ in batch], dtype=bool)
             per_token = np.repeat(held, lengths)
-            for name, docs, tokens, split_lengths in (
-                ("train", (~held & (lengths > 0)).sum(), flat[~per_token], lengths[~held]),
-                ("eval", (held & (lengths > 0)).sum(), flat[per_token], lengths[held]),
+            ended = finals & (lengths > 0)  # a document with ids ends here
+            for name, docs, keep in (
+                ("train", (~held & ended).sum(), ~held),
+                ("eval", (held & ended).sum(), held),
             ):
                 self.splits[name].documents += int(docs)
-                written += self.splits[name].add(tokens, split_lengths)
+                tokens = flat[per_token] if name == "eval" else flat[~per_token]
+                written += self.splits[name].add(tokens, lengths[keep], finals[keep])
         else:
-            self.splits["train"].documents += int((lengths > 0).sum())
-            written += self.splits["train"].add(flat, lengths)
+            self.splits["train"].documents += int((finals & (lengths > 0)).sum())
+            written += self.splits["train"].add(flat, lengths, finals)
         self.consumed = batch[-1][0] + 1
         if written:
             self.save_state()
@@ -886,16 +912,18 @@ class _Run:
                     filter_field=cfg.filter_field,
                     filter_min=cfg.filter_min,
                     filter_max=cfg.filter_max,
+                    pieces=self.text_pieces(),
                 )
-                for number, doc in enumerate(reader):
-                    if ordinal < self.resumed_from:  # consumed before the interruption: count, skip
-                        ordinal += 1
+                number = 0  # the next document's number in its file (a document's pieces share it)
+                for doc in reader:
+                    document, number = number, number + doc.final
+                    ordinal += 1
+                    if ordinal <= self.resumed_from:  # consumed before the interruption: count, skip
                         bar.update(1)
                         continue
-                    batch.append((ordinal, index, doc.where, number))
-                    texts.append(doc.text)
+                    batch.append((ordinal - 1, index, doc.where, document, doc.final))
+                    texts.append((doc.before, doc.text, doc.final))
                     chars += len(doc.text)
-                    ordinal += 1
                     if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
                         submit(batch, texts)
                         batch, texts, chars = [], [], 0
@@ -912,6 +940,12 @@ class _Run:
         if self.consumed < ordinal:  # resumed after the last document: nothing new was tokenized
             self.consumed = ordinal
         return self.finish()
+
+    def text_pieces(self) -> TextPieces | None:
+        """Whole-file documents above TEXT_PIECE_BYTES are read in pieces where the
+        tokenizer's cuts keep the ids (data.sources.TextPieces); without cuts, whole."""
+        cuts = self.tok.cuts
+        return None if cuts is None else TextPieces(TEXT_PIECE_BYTES, cuts.allows, cuts.max_chars)
 
     def finish(self) -> dict:
         cfg = self.cfg

@@ -28,12 +28,17 @@ record format):
 - `.arrow`: Arrow IPC, the stream format `datasets` writes (or the file format), record
   batch by record batch, named `file:row N`;
 - anything else (`.txt`, `.txt.gz`, `.txt.zst`, `.txt.xz`, `.py`, man pages, a `.zst` or
-  `.xz` of any other name, ...): one document per file, named `file`.
+  `.xz` of any other name, ...): one document per file, named `file`. With `pieces`
+  (TextPieces; `dlm prepare` gives its tokenizer's safe cuts), a file longer than
+  `piece_bytes` is checked in one streamed pass (same reasons and details as when read
+  whole), then yielded in pieces cut after newlines (`Document.final` on the last one):
+  memory holds about a piece.
 
 Compressed files are decompressed as they are read (zstd frames are read across), and
 no record format is ever held whole: memory is about a line, or a batch of rows (a
-whole-file document is held, being one document). `bytes_read` counts decompressed bytes
-(for parquet and arrow: the UTF-8 bytes of the text column's string values).
+whole-file document is held, being one document, unless it is read in pieces).
+`bytes_read` counts decompressed bytes (for parquet and arrow: the UTF-8 bytes of the text
+column's string values).
 
 Filter (record formats only): with `filter_field`, a record is kept only when that field
 holds a number (int or float, not NaN, not bool) within [filter_min, filter_max] (a bound
@@ -73,6 +78,7 @@ one per broken unit, so that always
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -82,7 +88,7 @@ import lzma
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -100,6 +106,18 @@ COMPRESSIONS = (".gz", ".zst", ".xz")
 STREAM_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
 
+@dataclass(frozen=True)
+class TextPieces:
+    """How a whole-file document longer than `piece_bytes` is read: in pieces of about that
+    many bytes, each cut after a newline where `allows("\\n", next character)` (the tokenizer's
+    safe cuts: the ids of the pieces are those of the whole document), so that memory holds
+    about one piece. Documents of more than `max_chars` characters are read whole."""
+
+    piece_bytes: int
+    allows: Callable[[str, str], bool]
+    max_chars: int
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "MISSING"
@@ -114,10 +132,16 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
+    """A document, or one piece of a long whole-file document read in pieces (TextPieces):
+    its pieces come one after another, the last one `final`; `before` is the character
+    before a continuation piece ("" for a document's first piece)."""
+
     text: str
     path: str
     line: int | None = None  # 1-based line number for JSONL
     row: int | None = None  # 0-based row number for parquet and arrow
+    before: str = ""
+    final: bool = True
 
     @property
     def where(self) -> str:
@@ -409,6 +433,7 @@ class DocumentReader:
         filter_min: float | None = None,
         filter_max: float | None = None,
         batch_rows: int = BATCH_ROWS,
+        pieces: TextPieces | None = None,
     ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
@@ -418,6 +443,7 @@ class DocumentReader:
         self.jsonl_field = jsonl_field
         self.on_error = on_error
         self.batch_rows = batch_rows
+        self.pieces = pieces
         self.stats = InputStats()
 
     def _bad(self, reason: str, where: str, detail: str = "") -> None:
@@ -446,10 +472,38 @@ class DocumentReader:
 
     # -- whole-file documents
     def _text(self, path: Path, compression: str | None) -> Iterator[Document]:
+        if self.pieces is not None and not (compression is None and _size(path) <= self.pieces.piece_bytes):
+            yield from self._text_in_pieces(path, compression)
+            return
         raw = self._read_whole(path, compression)
         if raw is not None:
             self.stats.bytes_read += len(raw)
             yield from self._whole_file(path, raw)
+
+    def _text_in_pieces(self, path: Path, compression: str | None) -> Iterator[Document]:
+        """A whole-file document checked in one streamed pass (the reasons and details of
+        _whole_file), then, when longer than a piece, read again piece by piece."""
+        scan = _TextScan(path, self.pieces.piece_bytes)
+        try:
+            with open_stream(path, compression) as f:
+                scan.run(f)
+        except STREAM_ERRORS as e:
+            return self._broken(_stream_failure(compression, e), str(path), e, f"at line {scan.lines + 1}: ")
+        self.stats.bytes_read += scan.size
+        if scan.kept is not None:  # one piece: as any whole-file document
+            yield from self._whole_file(path, scan.kept)
+            return
+        if scan.problem is not None:
+            self.stats.documents_read += 1
+            return self._bad(*scan.problem)
+        if scan.chars > self.pieces.max_chars:  # the tokenizer cannot cut it: read whole
+            raw = self._read_whole(path, compression)
+            if raw is not None:
+                yield from self._whole_file(path, raw)
+            return
+        self.stats.documents_read += 1
+        self.stats.documents_yielded += 1
+        yield from _pieces(path, compression, self.pieces)
 
     def _read_whole(self, path: Path, compression: str | None) -> bytes | None:
         """The decompressed file, or None when it breaks (one unit, detail: line reached)."""
@@ -642,3 +696,95 @@ def _text_bytes(batch, name: str) -> int:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         return 0
     return pc.sum(pc.binary_length(column)).as_py() or 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # unreadable: read whole, which reports it
+
+
+class _TextScan:
+    """One streamed pass over a whole-file document: decompressed size, characters, lines,
+    what _whole_file would refuse it for (`problem`: (reason, place, detail), with the same
+    precedence and details), and its bytes when they fit one piece (`kept`)."""
+
+    def __init__(self, path: Path, piece_bytes: int):
+        self.path, self.piece_bytes = path, piece_bytes
+        self.size = self.chars = self.lines = 0
+        self.kept: bytes | None = None
+        self.problem: tuple[str, str, str] | None = None
+
+    def run(self, stream: IO[bytes]) -> None:
+        decoder, blank, kept = codecs.getincrementaldecoder("utf-8")(), True, []
+        binary, bad_byte = False, None
+        while chunk := stream.read(CHUNK):
+            binary = binary or (self.size < 8192 and b"\x00" in chunk[: 8192 - self.size])
+            if bad_byte is None:
+                pending = len(decoder.getstate()[0])
+                try:
+                    text = decoder.decode(chunk)
+                    blank = blank and not text.strip()
+                    self.chars += len(text)
+                except UnicodeDecodeError as e:
+                    bad_byte = self.size - pending + e.start
+            self.lines += chunk.count(b"\n")
+            self.size += len(chunk)
+            if kept is not None:
+                kept = kept + [chunk] if self.size <= self.piece_bytes else None
+        if bad_byte is None:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                bad_byte = self.size - len(decoder.getstate()[0]) + e.start
+        self.kept = b"".join(kept) if kept is not None else None
+        where = str(self.path)
+        if binary:
+            self.problem = ("binary_file", where, "NUL bytes")
+        elif bad_byte is not None:
+            self.problem = ("invalid_utf8", where, f"byte {bad_byte}")
+        elif blank:
+            self.problem = ("empty_document", where, "")
+
+
+def _pieces(path: Path, compression: str | None, pieces: TextPieces) -> Iterator[Document]:
+    """The pieces of a valid whole-file document (checked by _TextScan), each ending after a
+    newline where pieces.allows lets it be cut, of about pieces.piece_bytes (longer where no
+    such newline comes sooner); the last one `final`."""
+    decoder, buffer, before = codecs.getincrementaldecoder("utf-8")(), "", ""
+    try:
+        with open_stream(path, compression) as f:
+            searched = 0  # buffer[:searched] holds no allowed cut (a long stretch without one)
+            while chunk := f.read(CHUNK):
+                buffer += decoder.decode(chunk)
+                while len(buffer) >= pieces.piece_bytes:
+                    cut = _line_cut(buffer, pieces, searched)
+                    if cut is None:
+                        searched = len(buffer)
+                        break
+                    yield Document(buffer[:cut], str(path), before=before, final=False)
+                    before, buffer, searched = buffer[cut - 1], buffer[cut:], 0
+            buffer += decoder.decode(b"", final=True)
+    except (*STREAM_ERRORS, UnicodeDecodeError) as e:  # the scan read it whole a moment ago
+        raise InputError(f"{path}: changed while it was read in pieces ({type(e).__name__}: {e})") from e
+    yield Document(buffer, str(path), before=before, final=True)
+
+
+def _line_cut(text: str, pieces: TextPieces, searched: int) -> int | None:
+    """The end of the next piece: after the last newline of text[piece_bytes // 2 : piece_bytes]
+    followed by a character the cut allows, else after the first such newline further on;
+    None when there is none yet (text[:searched] was searched before)."""
+    last = len(text) - 1  # a newline needs the character after it
+    window = min(pieces.piece_bytes, last)
+    end = window if searched <= window else pieces.piece_bytes // 2  # the window was searched
+    while (newline := text.rfind("\n", pieces.piece_bytes // 2, end)) >= 0:
+        if pieces.allows("\n", text[newline + 1]):
+            return newline + 1
+        end = newline
+    position = max(window, searched - 1)
+    while (newline := text.find("\n", position, last)) >= 0:
+        if pieces.allows("\n", text[newline + 1]):
+            return newline + 1
+        position = newline + 1
+    return None

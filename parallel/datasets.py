@@ -58,12 +58,28 @@ class IndexedWriter:
         self.dtype = DType.optimal_dtype(vocab_size)
         self.builder = IndexedDatasetBuilder(f"{self.prefix}.bin.tmp", dtype=self.dtype)
         self.documents = self.tokens = 0
+        self.pending = 0  # ids of the document being written (add_piece)
 
     def add(self, ids: np.ndarray) -> None:
         self.builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
         self.builder.end_document()
         self.documents += 1
         self.tokens += int(ids.size)
+
+    def add_piece(self, ids: np.ndarray) -> None:
+        """Part of a document too long to hold (dlm prepare's whole-file documents read in
+        pieces): its ids written as IndexedDatasetBuilder.add_item writes an item
+        (indexed_dataset.py:973-974), the item recorded once whole (end_document)."""
+        self.builder.data_file.write(np.asarray(ids).astype(self.dtype).tobytes(order="C"))
+        self.pending += int(np.asarray(ids).size)
+
+    def end_document(self) -> None:
+        """End the document of the pieces added: one item, as add_item records it (:975)."""
+        self.builder.sequence_lengths.append(self.pending)
+        self.builder.end_document()
+        self.documents += 1
+        self.tokens += self.pending
+        self.pending = 0
 
     def append(self, prefix: Path, documents: int, tokens: int) -> None:
         """Every document of another complete prefix of `documents` documents (the merge of

@@ -536,10 +536,11 @@ KINDS = [
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunking_never_changes_the_ids(tokenizer_kinds, kind, tmp_path):
+def test_chunking_never_changes_the_ids(tokenizer_kinds, kind, tmp_path, monkeypatch):
     """A long document through `dlm prepare` with chunk_chars=200 gives exactly the ids of
     encoding it whole, for every kind of tokenizer; and where the tokenizer allows cuts, it
-    was cut, at newlines and before spaces."""
+    was cut, at newlines and before spaces. Read in pieces (a whole-file document longer
+    than TEXT_PIECE_BYTES), it gives the same shards, and the same Megatron document."""
     from data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_kinds[kind])
@@ -564,6 +565,26 @@ def test_chunking_never_changes_the_ids(tokenizer_kinds, kind, tmp_path):
         before == (a[-1] if tok.cuts.context else "")
         for (before, _), a in zip(inputs[1:], pieces[:-1], strict=True)
     )
+    _same_in_pieces(tok, tokenizer_kinds[kind], tmp_path, monkeypatch, whole, kind == "sp-dummy-prefix")
+
+
+def _same_in_pieces(tok, tok_path, tmp_path, monkeypatch, whole, megatron: bool) -> None:
+    from data.sources import DocumentReader, TextPieces
+
+    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 1500)
+    reader = DocumentReader(
+        [str(tmp_path / "in")], pieces=TextPieces(1500, tok.cuts.allows, tok.cuts.max_chars)
+    )
+    assert len(list(reader)) > 2  # read in pieces
+    run(_cfg([tmp_path / "in"], tmp_path / "pieces", tok_path, chunk_chars=200, seq_len=8))
+    for path in (tmp_path / "out").iterdir():
+        assert (tmp_path / "pieces" / path.name).read_bytes() == path.read_bytes(), path.name
+    if megatron:  # one document, written piece by piece
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        run(_cfg([tmp_path / "in"], tmp_path / "mg", tok_path, chunk_chars=200, format="megatron"))
+        dataset = IndexedDataset(str(tmp_path / "mg" / "train"))
+        assert len(dataset) == 1 and np.array_equal(dataset[0], whole)
 
 
 def test_no_cuts_in_documents_longer_than_exact_unigram_sums(tokenizer_kinds):

@@ -24,6 +24,7 @@ from data.sources import (
     Document,
     DocumentReader,
     InputError,
+    TextPieces,
     manpage_files,
     resolve_arguments,
     resolve_inputs,
@@ -790,3 +791,99 @@ def test_big_inputs_are_streamed_in_bounded_memory(tmp_path):
         assert documents == count and size > 190_000_000
         assert growth < size / 4 and total < size / 3
     print(f"inputs made in {made:.1f} s")
+
+
+# -- long whole-file documents read in pieces ------------------------------------------------------------
+def _every_cut(left: str, right: str) -> bool:
+    return True
+
+
+def _no_space_after(left: str, right: str) -> bool:
+    return right != " "  # e.g. a tokenizer that attaches a space to the next word
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".txt.zst", ".txt.gz"])
+def test_a_long_document_is_read_in_pieces_cut_after_newlines_the_cut_allows(tmp_path, suffix):
+    rng = random.Random(3)
+    lines = [
+        " " * rng.randint(0, 2) + "x" * rng.randint(0, 120) + "é" * rng.randint(0, 3) for _ in range(20_000)
+    ]
+    text = "\n".join(lines) + "\n"
+    raw = text.encode()
+    compress = {".txt": bytes, ".txt.zst": _zstd, ".txt.gz": gzip.compress}[suffix]
+    path = _write(tmp_path, "long" + suffix, compress(raw))
+    pieces = TextPieces(50_000, _no_space_after, max_chars=1 << 62)
+    reader = DocumentReader([str(path)], pieces=pieces)
+    docs = list(reader)
+    assert len(docs) > len(raw) // 100_000 and [d.final for d in docs] == [False] * (len(docs) - 1) + [True]
+    assert "".join(d.text for d in docs) == text
+    for previous, doc in zip(docs, docs[1:], strict=False):
+        assert previous.text.endswith("\n") and doc.text[0] != " " and doc.before == previous.text[-1]
+        assert len(previous.text) >= 25_000
+    assert docs[0].before == "" and all(d.where == str(path) for d in docs)
+    stats = reader.stats
+    assert (stats.documents_read, stats.documents_yielded, stats.bytes_read) == (1, 1, len(raw))
+    small = DocumentReader([str(path)], pieces=TextPieces(len(raw), _every_cut, max_chars=1 << 62))
+    assert [(d.text, d.final) for d in small] == [(text, True)]  # within one piece: whole
+    whole = DocumentReader([str(path)], pieces=TextPieces(50_000, _every_cut, max_chars=len(text) - 1))
+    assert [d.text for d in whole] == [text]  # longer than the tokenizer can cut: whole
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"a\x00b" + b"text\n" * 30_000,
+        b"ok\n" * 30_000 + b"\xff\xfe",
+        "é".encode() * 40_000 + b"\xc3",
+        b" \n" * 60_000,
+    ],
+    ids=["binary", "invalid-utf8", "cut-utf8", "blank"],
+)
+def test_bad_long_documents_are_accounted_as_when_read_whole(tmp_path, content):
+    path = _write(tmp_path, "bad.txt", content)
+    readers = [
+        DocumentReader([str(path)], pieces=TextPieces(1000, _every_cut, 1 << 62)),
+        DocumentReader([str(path)]),
+    ]
+    assert [list(r) for r in readers] == [[], []]
+    assert readers[0].stats == readers[1].stats and readers[0].stats.reconciles
+
+
+PIECES_PEAK_SCRIPT = """
+import sys
+from data.sources import DocumentReader, TextPieces
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+before = status("VmRSS:")
+reader = DocumentReader([sys.argv[1]], pieces=TextPieces(4 << 20, lambda a, b: True, 1 << 62))
+pieces = sum(1 for _ in reader)
+print(pieces, reader.stats.bytes_read, status("VmHWM:") - before)
+"""
+
+
+def test_a_document_much_larger_than_a_piece_is_read_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    line = ("".join(random.Random(5).choice("abcdefgh ") for _ in range(200)) + "\n").encode()
+    path = tmp_path / "big.txt"
+    with open(path, "wb") as f:
+        for _ in range(150_000_000 // (len(line) * 1000)):
+            f.write(line * 1000)
+    size = path.stat().st_size
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", PIECES_PEAK_SCRIPT, str(path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pieces, read, growth = (int(x) for x in out.stdout.split())
+    print(f"{size / 1e6:.0f} MB document in {pieces} pieces: peak RSS growth {growth / 1e6:.1f} MB")
+    # memory of a few pieces (the decoded buffer, a piece, a slice), not of the document
+    assert read == size and pieces >= size // (4 << 20) and growth < 8 * (4 << 20) < size / 4
