@@ -729,7 +729,7 @@ def test_broken_arrow_streams(hf_datasets, tmp_path):
 # -- bounded memory ----------------------------------------------------------------------------------------
 PEAK_SCRIPT = """
 import sys
-from data.sources import DocumentReader
+from data.sources import DocumentReader, TextPieces
 import pyarrow, pyarrow.parquet, pyarrow.compute, zstandard
 
 def status(key):
@@ -737,10 +737,11 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
+pieces = TextPieces(int(sys.argv[2]), lambda a, b: True, 1 << 62) if len(sys.argv) > 2 else None
 start = status("VmRSS:")
-next(iter(DocumentReader([sys.argv[1]])))  # one-time setup of pyarrow (thread pools, allocator)
+next(iter(DocumentReader([sys.argv[1]], pieces=pieces)))  # one-time setup (pyarrow thread pools, allocator)
 before = status("VmRSS:")
-reader = DocumentReader([sys.argv[1]])
+reader = DocumentReader([sys.argv[1]], pieces=pieces)
 documents = sum(1 for _ in reader)
 print(documents, reader.stats.bytes_read, status("VmHWM:") - before, status("VmHWM:") - start)
 """
@@ -849,22 +850,6 @@ def test_bad_long_documents_are_accounted_as_when_read_whole(tmp_path, content):
     assert readers[0].stats == readers[1].stats and readers[0].stats.reconciles
 
 
-PIECES_PEAK_SCRIPT = """
-import sys
-from data.sources import DocumentReader, TextPieces
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-before = status("VmRSS:")
-reader = DocumentReader([sys.argv[1]], pieces=TextPieces(4 << 20, lambda a, b: True, 1 << 62))
-pieces = sum(1 for _ in reader)
-print(pieces, reader.stats.bytes_read, status("VmHWM:") - before)
-"""
-
-
 def test_a_document_much_larger_than_a_piece_is_read_in_bounded_memory(tmp_path):
     import subprocess
     import sys
@@ -877,13 +862,13 @@ def test_a_document_much_larger_than_a_piece_is_read_in_bounded_memory(tmp_path)
     size = path.stat().st_size
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-c", PIECES_PEAK_SCRIPT, str(path)],
+        [sys.executable, "-c", PEAK_SCRIPT, str(path), str(4 << 20)],
         cwd=repo,
         capture_output=True,
         text=True,
         check=True,
     )
-    pieces, read, growth = (int(x) for x in out.stdout.split())
+    pieces, read, growth, _ = (int(x) for x in out.stdout.split())
     print(f"{size / 1e6:.0f} MB document in {pieces} pieces: peak RSS growth {growth / 1e6:.1f} MB")
     # memory of a few pieces (the decoded buffer, a piece, a slice), not of the document
     assert read == size and pieces >= size // (4 << 20) and growth < 8 * (4 << 20) < size / 4
