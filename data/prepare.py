@@ -93,10 +93,11 @@ prepares only part i into `<output>/parts/<i:05d>/`, a complete dlm-shards/1 dat
 every rule above (resumable, atomic, 'up to date' on rerun, refusing a foreign directory)::
 
   dlm prepare input=[...] output=DIR tokenizer=... partitions=8 partition=$SLURM_ARRAY_TASK_ID  (each task)
-  dlm prepare input=[...] output=DIR tokenizer=... partitions=8                                 (the merge)
+  dlm prepare merge input=[...] output=DIR tokenizer=... partitions=8                           (the merge)
 
 (the merge after the array job, e.g. `sbatch --dependency=afterok:<array job id>`: it
-prepares any part that is not complete itself, so it must not run while the tasks do).
+prepares any part that is not complete itself, so it must not run while the tasks do; the
+same command without `merge` and without `partition` merges too).
 
 A part's config_hash adds partitions and partition to the fields above, its inputs_sha256
 being that of its own files; its manifest also records its `tail` (the tokens of each split

@@ -145,6 +145,7 @@ def command_help(command: Command) -> str:
 def _usage(command: Command) -> str:
     settings = "key=value | group=option" if command.groups else "key=value"
     sub = f" {'|'.join(command.subcommands)}" if command.subcommands else ""
+    sub = f" [{sub.strip()}]" if command.subcommand_optional else sub
     line = f"usage: dlm {command.name}{sub} [{settings} ...] [options]"
     if command.name in ("train", "eval", "import-hf", "export-hf"):
         module = {"train": "train", "eval": "evaluate"}.get(command.name, "cli " + command.name)

@@ -26,6 +26,7 @@ class Command:
     examples: tuple[str, ...] = ()
     extra_keys: tuple[tuple[str, str], ...] = ()  # keys outside the schema: (key, description)
     subcommands: tuple[str, ...] = ()  # its first argument is one of these (dlm slurm submit)
+    subcommand_optional: bool = False  # ... or may be omitted (dlm prepare [merge])
     plain_subcommands: tuple[str, ...] = ()  # subcommands taking plain arguments (dlm slurm status RUN)
 
 
@@ -45,12 +46,19 @@ COMMANDS = {
         ),
         Command(
             "prepare",
-            "tokenize, pack and shard a corpus into webdataset tars",
+            "tokenize, pack and shard a corpus into webdataset tars (or Megatron .bin/.idx)",
             "pretrain.cli:prepare_main",
             "data.config:PrepareConfig",
             "prepare",
             output_key="output",
-            examples=("dlm prepare input=[stdlib] output=data/stdlib tokenizer=data/tok/tokenizer.model",),
+            examples=(
+                "dlm prepare input=[stdlib] output=data/stdlib tokenizer=data/tok/tokenizer.model",
+                "dlm prepare input=[/c] output=/d tokenizer=t.model partitions=8 partition=$TASK",
+                "dlm prepare merge input=[/c] output=/d tokenizer=t.model partitions=8",
+                "dlm prepare input=[stdlib] output=data/mg tokenizer=t.model format=megatron",
+            ),
+            subcommands=("merge",),
+            subcommand_optional=True,
         ),
         Command(
             "train",
@@ -284,7 +292,12 @@ def run_command(command: Command, argv: list[str]) -> int:
     if sub and sub[0] in command.plain_subcommands:
         return function(command.main)(argv)
     try:
-        if command.subcommands and not sub and not {"-h", "--help"} & set(argv):
+        if (
+            command.subcommands
+            and not sub
+            and not command.subcommand_optional
+            and not {"-h", "--help"} & set(argv)
+        ):
             raise ConfigError(
                 f"dlm {command.name} takes a subcommand first: {', '.join(command.subcommands)}"
             )
@@ -346,10 +359,13 @@ def tokenizer_main(argv: list[str]) -> int:
 
 
 def prepare_main(argv: list[str]) -> int:
-    return run_data_command("prepare", argv)
+    """`dlm prepare [merge] ...`: merge combines the parts of an array job (partitions=N,
+    without partition=), preparing any part not complete."""
+    merge = bool(argv) and argv[0] == "merge"
+    return run_data_command("prepare", argv[1:] if merge else argv, merge=merge)
 
 
-def run_data_command(name: str, argv: list[str]) -> int:
+def run_data_command(name: str, argv: list[str], merge: bool = False) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -358,6 +374,11 @@ def run_data_command(name: str, argv: list[str]) -> int:
 
     try:
         cfg = load_command_config(name, argv)
+        if merge and (cfg.partitions == 1 or cfg.partition is not None):
+            raise ConfigError(
+                "dlm prepare merge combines the parts of partitions=N (N > 1, the array job's) and takes no "
+                f"partition= (got partitions={cfg.partitions}, partition={cfg.partition})"
+            )
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         cause = f"\n  {e.__cause__}" if e.__cause__ else ""
         print(f"dlm {name}: invalid configuration: {e}{cause}", file=sys.stderr)

@@ -99,7 +99,8 @@ def prepare_stages(cfg: Config, python: str) -> list[Stage]:
     if p.partitions == 1:
         return [Stage("prepare", command)]
     command.append(f"partitions={p.partitions}")
-    return [Stage("prepare", command, p.partitions, ARRAY_TASK), Stage("merge", command)]
+    merge = cli(python, "prepare") + ["merge", *args, f"partitions={p.partitions}"]
+    return [Stage("prepare", command, p.partitions, ARRAY_TASK), Stage("merge", merge)]
 
 
 def train_stage(cfg: Config, overrides: list[str], python: str) -> Stage:

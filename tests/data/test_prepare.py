@@ -1176,3 +1176,25 @@ def test_parquet_and_zst_inputs_filters_and_duplicate_paths(parted, tok_path, tm
         unfiltered["documents_written"] == len(rows) + 55
         and unfiltered["config_hash"] != single["config_hash"]
     )
+
+
+def test_dlm_prepare_merge_merges_the_parts_and_refuses_without_partitions(
+    partitioned, parted, tok_path, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(partitioned["array"] / "parts", out / "parts")
+    common = [
+        f"input=[{parted}]",
+        f"output={out}",
+        f"tokenizer={tok_path}",
+        "seq_len=32",
+        "samples_per_shard=32",
+    ]
+    common += ["eval_fraction=0.3", "workers=1", "progress=false"]
+    for wrong in (["partitions=1"], ["partitions=3", "partition=0"]):
+        proc = _dlm("merge", *common, *wrong)
+        assert proc.returncode == 2 and "dlm prepare merge combines the parts" in proc.stderr, proc.stderr
+    assert not (out / "manifest.json").exists()
+    proc = _dlm("merge", *common, "partitions=3")
+    assert proc.returncode == 0 and "merged 3 parts" in proc.stdout, proc.stderr[-2000:]
+    assert _tree(out) == _tree(partitioned["array"])
