@@ -34,6 +34,10 @@ import numpy as np
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
@@ -98,17 +102,6 @@ class IndexedWriter:
             os.replace(tmp, f"{self.prefix}{suffix}")
         fsync_dir(self.prefix.parent)
         return {"prefix": self.prefix.name, "documents": self.documents, "tokens": self.tokens}
-
-
-def index_summary(prefix: Path | str) -> dict:
-    """{documents, tokens, dtype} of a complete prefix (reads the .idx only)."""
-    dataset = IndexedDataset(str(prefix))
-    lengths = dataset.sequence_lengths
-    return {
-        "documents": len(lengths),
-        "tokens": int(lengths.sum()),
-        "dtype": np.dtype(dataset.index.dtype).name,
-    }
 
 
 # -- what a run reads -----------------------------------------------------------------------
@@ -211,8 +204,25 @@ def gpt_config(sources: list[Source], weights, *, seq_len, seed, eval_fraction, 
         eval_blend = (evals, blend_weights) if all(evals) else None
         per_split = [([s.train for s in sources], blend_weights), eval_blend, None]
         return GPTDatasetConfig(blend_per_split=per_split, **common)
-    split = f"{1 - eval_fraction},{eval_fraction},0"
-    return GPTDatasetConfig(blend=([s.train for s in sources], blend_weights), split=split, **common)
+    return GPTDatasetConfig(
+        blend=([s.train for s in sources], blend_weights), split=split(eval_fraction), **common
+    )
+
+
+def split(eval_fraction: float) -> str:
+    """Megatron's --split string for a plain prefix (fixed point: it parses digits and dots)."""
+    return f"{1 - eval_fraction:.12f},{eval_fraction:.12f},0"
+
+
+def split_documents(documents: int, eval_fraction: float) -> tuple[range, range]:
+    """The (train, eval) documents megatron's split gives a plain prefix of `documents`
+    (its split matrix, rounded as BlendedMegatronDatasetBuilder does)."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split(eval_fraction)))
+    ranges = [
+        range(round(bounds[0] * documents), round(bounds[1] * documents)) if bounds else range(0)
+        for bounds in matrix[:2]
+    ]
+    return ranges[0], ranges[1]
 
 
 def build_samples(
@@ -395,6 +405,9 @@ def describe(cfg) -> tuple[dict, str]:
                 f"not data.tokenizer={path} (sha256 {tokenizer['sha256'][:12]})"
             )
     stats = [check_ids(source, tokenizer["vocab_size"], tokenizer["eos_id"]) for source in sources]
+    for source, checked in zip(sources, stats, strict=True):
+        if source.manifest is None:
+            check_split(source, checked["documents"], cfg.eval_fraction)
     listed = ", ".join(f"{s.path} x{s.weight:g}" for s in cfg.sources)
     tokens, documents = sum(x["tokens"] for x in stats), sum(x["documents"] for x in stats)
     summary = f"megatron [{listed}]: {tokens:,} tokens in {documents:,} documents"
@@ -403,10 +416,27 @@ def describe(cfg) -> tuple[dict, str]:
     return tokenizer, summary
 
 
+def check_split(source: Source, documents: int, eval_fraction: float) -> None:
+    """Both splits of a plain prefix hold documents (megatron would loop forever building
+    samples from an empty one)."""
+    train, held_out = split_documents(documents, eval_fraction)
+    if not train:
+        raise DataConfigError(f"{source.key}: data.eval_fraction={eval_fraction} leaves no train document")
+    if eval_fraction > 0 and not held_out:
+        raise DataConfigError(
+            f"{source.key}: data.eval_fraction={eval_fraction} holds out none of its {documents:,} documents "
+            "(megatron splits by document): raise it, or set data.eval_fraction=0 (and train.eval_every=0)"
+        )
+
+
 def train_tokens(sources: list[Source], eval_fraction: float) -> list[int]:
-    """Tokens of each source's train documents (a plain prefix: all but the eval share)."""
+    """Tokens of each source's train documents (a plain prefix: megatron's train split)."""
     tokens = []
     for source in sources:
-        total = index_summary(source.train)["tokens"]
-        tokens.append(total if source.manifest is not None else round(total * (1 - eval_fraction)))
+        if source.manifest is not None:
+            tokens.append(source.manifest["splits"]["train"]["tokens"])
+            continue
+        lengths = IndexedDataset(source.train).sequence_lengths
+        train, _ = split_documents(len(lengths), eval_fraction)
+        tokens.append(int(lengths[train.start : train.stop].sum()))
     return tokens

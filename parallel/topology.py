@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the offending key(s)."""
 
 
+def cause_line(error: BaseException) -> str:
+    """An indented line with the error's cause when it says more than the error itself."""
+    cause = error.__cause__
+    return f"\n  {cause}" if cause is not None and str(cause) != str(error) else ""
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """Vocabulary rounded up to a multiple of `divisible_by`.
 

@@ -349,8 +349,9 @@ def dispatch(command: Command, flags: Flags, overrides: list[str], sub: list[str
 
 
 def config_error(command: Command, error: Exception) -> int:
-    cause = f"\n  {error.__cause__}" if error.__cause__ else ""
-    print(f"dlm {command.name}: invalid configuration: {error}{cause}", file=sys.stderr)
+    from parallel.topology import cause_line
+
+    print(f"dlm {command.name}: invalid configuration: {error}{cause_line(error)}", file=sys.stderr)
     return 2
 
 
@@ -369,7 +370,7 @@ def run_data_command(name: str, argv: list[str], merge: bool = False) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from parallel.topology import ConfigError
+    from parallel.topology import ConfigError, cause_line
     from pretrain.config import load_command_config
 
     try:
@@ -380,8 +381,7 @@ def run_data_command(name: str, argv: list[str], merge: bool = False) -> int:
                 f"partition= (got partitions={cfg.partitions}, partition={cfg.partition})"
             )
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        cause = f"\n  {e.__cause__}" if e.__cause__ else ""
-        print(f"dlm {name}: invalid configuration: {e}{cause}", file=sys.stderr)
+        print(f"dlm {name}: invalid configuration: {e}{cause_line(e)}", file=sys.stderr)
         return 2
     if name == "tokenizer":
         from data.tokenizer import run

@@ -43,7 +43,7 @@ from parallel.hf_files import (
     parse_size,
     resolve_mask_token,
 )
-from parallel.topology import ConfigError, LaunchEnv, Topology, padded_vocab_size
+from parallel.topology import ConfigError, LaunchEnv, Topology, cause_line, padded_vocab_size
 
 FORMATS = ("bidirectional", "source")
 # The architecture fields HFArch and ModelConfig share by name, copied both ways (the
@@ -169,7 +169,7 @@ def _sum(value: float) -> float:
 
 
 def _fail(command: str, e: Exception, code: int) -> int:
-    cause = f"\n  {e.__cause__}" if isinstance(e, ConfigError) and e.__cause__ else ""
+    cause = cause_line(e) if isinstance(e, ConfigError) else ""
     print(f"dlm {command}: {'invalid configuration' if code == 2 else 'error'}: {e}{cause}", file=sys.stderr)
     return code
 

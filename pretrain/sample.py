@@ -468,13 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from parallel.topology import ConfigError
+    from parallel.topology import ConfigError, cause_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def config_error(e: Exception) -> int:
-        cause = f"\n  {e.__cause__}" if e.__cause__ else ""
-        print(f"dlm sample: invalid configuration: {e}{cause}", file=sys.stderr)
+        print(f"dlm sample: invalid configuration: {e}{cause_line(e)}", file=sys.stderr)
         return 2
 
     try:

@@ -23,7 +23,7 @@ import parallel  # megatron-core is imported on first use of the engine function
 from data import pipeline
 from data.files import write_atomic
 from data.shards import ShardFormatError
-from parallel.topology import ConfigError
+from parallel.topology import ConfigError, cause_line
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
 from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
@@ -697,8 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(overrides)
         preflight(cfg)
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        cause = f"\n  {e.__cause__}" if e.__cause__ else ""
-        print(f"dlm train: invalid configuration: {e}{cause}", file=sys.stderr)
+        print(f"dlm train: invalid configuration: {e}{cause_line(e)}", file=sys.stderr)
         return 2
     try:
         if seed_only:

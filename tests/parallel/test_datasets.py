@@ -207,6 +207,20 @@ def test_a_blend_follows_its_weights_and_is_the_same_when_rebuilt(tmp_path):
     assert any(not torch.equal(sample(other_seed, i)[1], drawn[i][1]) for i in range(200))
 
 
+@pytest.mark.parametrize("documents", [10, 37])
+def test_split_documents_is_megatrons_split(tmp_path, documents):
+    from parallel.datasets import split_documents
+
+    builder_corpus(tmp_path / "c", [30] * documents, eos=True)
+    train, evaluation = build_samples(
+        [resolve(0, str(tmp_path / "c"))], [1.0], seq_len=SEQ, seed=0, eval_fraction=0.25, vocab=Vocab,
+        cache_dir=None, train_samples=8, reads=True,
+    )  # fmt: skip
+    expected = split_documents(documents, 0.25)
+    assert [list(train.indices), list(evaluation.indices)] == [list(expected[0]), list(expected[1])]
+    assert len(expected[1]) > 0 and len(expected[0]) + len(expected[1]) == documents
+
+
 # -- checks before start ------------------------------------------------------------------------
 def data_config(paths: list[str], tokenizer: Path | None = None):
     from pretrain.config import DataConfig, SourceConfig
@@ -224,6 +238,10 @@ def test_describe_names_what_is_wrong(tmp_path, tokenizer, prepared):
         ),
         (data_config([str(tmp_path / "plain")]), "needs data.tokenizer"),
         (data_config([str(prepared), str(tmp_path / "plain")], tokenizer), "not both"),
+        (
+            data_config([str(tmp_path / "plain")], tokenizer),
+            "eval_fraction=0.01 holds out none of its 4 documents",
+        ),
     ]
     big = tmp_path / "big"
     builder = IndexedDatasetBuilder(f"{big}.bin", dtype=np.uint16)
