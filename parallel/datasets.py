@@ -244,6 +244,23 @@ def build_samples(
     return train, evaluation
 
 
+def drop_broken_cache(cache_dir: Path) -> list[str]:
+    """megatron-core writes its index files in place (numpy.save, gpt_dataset.py:548-550): a
+    job killed while writing one leaves a truncated .npy that the next start would take for a
+    cache hit and fail to map. Delete every index that does not load, with its siblings of
+    the same dataset (description and other indexes), so that megatron builds it again."""
+    dropped = []
+    for path in sorted(cache_dir.glob("*.npy")) if cache_dir.is_dir() else []:
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            dataset = path.name.rsplit("-", 1)[0]  # <hash>-<class>-<split>-<name>.npy
+            for sibling in cache_dir.glob(f"{dataset}-*"):
+                sibling.unlink(missing_ok=True)
+                dropped.append(sibling.name)
+    return dropped
+
+
 def locate(dataset, index: int) -> tuple[int, GPTDataset, int]:
     """(source number, its GPTDataset, the item in it) of sample `index` of a dataset or blend."""
     if isinstance(dataset, BlendedDataset):
@@ -358,6 +375,8 @@ def open_samples(
     planned = run_samples
     if state and state.get("source") == "megatron":
         planned = max(planned, int(state["planned_samples"]))
+    if cache_dir and torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+        drop_broken_cache(Path(cache_dir))  # before megatron's builder looks (the others wait in it)
     train, evaluation = build_samples(
         sources,
         weights,
@@ -436,7 +455,7 @@ def train_tokens(sources: list[Source], eval_fraction: float) -> list[int]:
         if source.manifest is not None:
             tokens.append(source.manifest["splits"]["train"]["tokens"])
             continue
-        lengths = IndexedDataset(source.train).sequence_lengths
-        train, _ = split_documents(len(lengths), eval_fraction)
-        tokens.append(int(lengths[train.start : train.stop].sum()))
+        dataset = IndexedDataset(source.train)  # referenced while its arrays are read: they map its files
+        train, _ = split_documents(len(dataset), eval_fraction)
+        tokens.append(int(dataset.sequence_lengths[train.start : train.stop].sum()))
     return tokens

@@ -221,6 +221,32 @@ def test_split_documents_is_megatrons_split(tmp_path, documents):
     assert len(expected[1]) > 0 and len(expected[0]) + len(expected[1]) == documents
 
 
+def test_a_truncated_index_cache_is_dropped_and_rebuilt(tmp_path):
+    """A job killed while megatron-core wrote its index leaves a truncated .npy that megatron
+    would load as a cache hit; drop_broken_cache removes it and the rebuild is the same."""
+    from parallel.datasets import drop_broken_cache
+
+    builder_corpus(tmp_path / "c", [50] * 20, eos=True)
+    sources = [resolve(0, str(tmp_path / "c"))]
+
+    def build():
+        return build_samples(
+            sources, [1.0], seq_len=SEQ, seed=1, eval_fraction=0.0, vocab=Vocab, cache_dir=None,
+            train_samples=30, reads=True,
+        )[0]  # fmt: skip
+
+    first = [sample(build(), i)[1] for i in range(30)]
+    cache = tmp_path / "c" / "cache" / "GPTDataset_indices"  # megatron's place without path_to_cache
+    (shuffle,) = cache.glob("*train-shuffle_index.npy")
+    shuffle.write_bytes(shuffle.read_bytes()[:-16])
+    with pytest.raises(ValueError):
+        build()
+    assert len(drop_broken_cache(cache)) == 4 and not list(cache.glob("*train*"))
+    assert drop_broken_cache(cache) == []
+    again = build()
+    assert all(torch.equal(sample(again, i)[1], tokens) for i, tokens in enumerate(first))
+
+
 # -- checks before start ------------------------------------------------------------------------
 def data_config(paths: list[str], tokenizer: Path | None = None):
     from pretrain.config import DataConfig, SourceConfig
