@@ -40,6 +40,15 @@ Pipeline (the on-disk format is data/shards.py):
   keys = sample number within the split; manifest.json written atomically last, with both
   splits (eval empty when eval_fraction=0).
 
+`format=megatron` replaces pack and shard: each split's documents (EOS included) go, one
+item per document, into `<split>.bin/.idx` through megatron-core's IndexedDatasetBuilder
+(parallel/datasets.IndexedWriter: written under .tmp names, renamed when complete),
+uint16 ids below 65,500 ids, else int32; megatron-core cuts samples at training time, so
+nothing is dropped (`tokens_dropped` 0) and `samples` is 0. The manifest (format
+dlm-megatron/1) has the same accounting, its splits `{prefix, bin_bytes, documents,
+tokens}`; the config and its hash add `output_format`. Such a run saves no state between
+shards: interrupted, it starts its files again. Parts merge by megatron's `add_index`.
+
 Counts. `documents_read == documents_written + sum(documents_skipped.values())`, where
 documents_written counts the documents whose tokens (text + EOS) entered the packed
 stream of their split, including the documents that end up partly or wholly in the
