@@ -124,8 +124,9 @@ def tokenizer_path(cfg) -> str:
         return cfg.tokenizer
     if cfg.source == "megatron":
         from parallel.datasets import resolve
+        from parallel.datasets import tokenizer_path as megatron_tokenizer
 
-        return resolve(0, cfg.sources[0].path).manifest["tokenizer"]["path"]
+        return megatron_tokenizer(None, [resolve(i, s.path) for i, s in enumerate(cfg.sources)])
     return load_manifest(cfg.sources[0].path)["tokenizer"]["path"]
 
 

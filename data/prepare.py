@@ -479,12 +479,13 @@ class _IndexedSplit:
         """Every document of a part's complete prefix (the merge); summary: its manifest entry."""
         self._writer().append(prefix, summary["documents"], summary["tokens"])
         self.documents += summary["documents"]
+        self.tokens += summary["tokens"]
 
     def carry(self) -> np.ndarray:
         return np.zeros(0, dtype=self.dtype)
 
     def summary(self) -> dict:
-        counts = {"documents": self.documents, "tokens": self.writer.tokens if self.writer else self.tokens}
+        counts = {"documents": self.documents, "tokens": self.tokens}
         return {"prefix": self.name, "bin_bytes": self.bin_bytes, **counts, "shards": [], "samples": 0}
 
 

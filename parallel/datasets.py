@@ -65,15 +65,14 @@ class IndexedWriter:
         self.pending = 0  # ids of the document being written (add_piece)
 
     def add(self, ids: np.ndarray) -> None:
-        self.builder.add_item(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
-        self.builder.end_document()
-        self.documents += 1
-        self.tokens += int(ids.size)
+        """One whole document."""
+        self.add_piece(ids)
+        self.end_document()
 
     def add_piece(self, ids: np.ndarray) -> None:
-        """Part of a document too long to hold (dlm prepare's whole-file documents read in
-        pieces): its ids written as IndexedDatasetBuilder.add_item writes an item
-        (indexed_dataset.py:973-974), the item recorded once whole (end_document)."""
+        """Ids of the document being written (dlm prepare's long whole-file documents come in
+        pieces): written as IndexedDatasetBuilder.add_item writes an item (indexed_dataset.py:
+        973-974); the item is recorded once whole, by end_document."""
         self.builder.data_file.write(np.asarray(ids).astype(self.dtype).tobytes(order="C"))
         self.pending += int(np.asarray(ids).size)
 
@@ -305,6 +304,7 @@ class MegatronSamples(TrainData):
         self.names, self.seq_len, self.planned = names, seq_len, planned
         self.summary = summary
         self._counted, self._drawn = 0, np.zeros(len(names), dtype=np.int64)
+        self.samples_per_epoch = self._samples_per_epoch()  # read every step: computed once
 
     def train(self, index):
         return self._batch(self.train_set, index.tolist())
@@ -336,13 +336,13 @@ class MegatronSamples(TrainData):
             self._counted = samples_read
         metrics = {}
         for name, drawn, per_epoch in zip(
-            self.names, self._drawn.tolist(), self.samples_per_epoch(), strict=True
+            self.names, self._drawn.tolist(), self.samples_per_epoch, strict=True
         ):
             metrics[f"data/tokens/{name}"] = drawn * self.seq_len
             metrics[f"data/epochs/{name}"] = drawn / per_epoch
         return metrics
 
-    def samples_per_epoch(self) -> list[int]:
+    def _samples_per_epoch(self) -> list[int]:
         """Samples of seq_len tokens in one pass over each source's train documents."""
         datasets = self.train_set.datasets if isinstance(self.train_set, BlendedDataset) else [self.train_set]
         tokens = [int(d.dataset.sequence_lengths[d.indices].sum()) for d in datasets]
@@ -350,8 +350,7 @@ class MegatronSamples(TrainData):
 
     def epoch_report(self, total_samples: int) -> str:
         epochs = ", ".join(
-            f"{name} {n:,} samples/epoch"
-            for name, n in zip(self.names, self.samples_per_epoch(), strict=True)
+            f"{name} {n:,} samples/epoch" for name, n in zip(self.names, self.samples_per_epoch, strict=True)
         )
         return (
             f"epoch: {epochs}; megatron's sample index is built for {self.planned:,} samples "
@@ -396,6 +395,12 @@ def open_samples(
     )
 
 
+def tokenizer_path(configured: str | None, sources: list[Source]) -> str | None:
+    """data.tokenizer, else the one the prepared directories name (None for prefixes)."""
+    prepared = all_prepared(sources)  # refuses a mix of the two
+    return configured or (sources[0].manifest["tokenizer"]["path"] if prepared else None)
+
+
 def describe(cfg) -> tuple[dict, str]:
     """Resolve data.sources, load the tokenizer (data.tokenizer, else the one a prepared
     directory names) and check every corpus against it. Returns (the tokenizer's
@@ -403,9 +408,7 @@ def describe(cfg) -> tuple[dict, str]:
     from data.tokenizer import load_tokenizer
 
     sources = [resolve(i, s.path) for i, s in enumerate(cfg.sources)]
-    all_prepared(sources)
-    named = [s.manifest["tokenizer"] for s in sources if s.manifest is not None]
-    path = cfg.tokenizer or (named[0]["path"] if named else None)
+    path = tokenizer_path(cfg.tokenizer, sources)
     if path is None:
         raise DataConfigError(
             "data.source=megatron needs data.tokenizer: the tokenizer the corpus was made with "
