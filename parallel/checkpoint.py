@@ -59,9 +59,15 @@ from parallel.engine import Engine
 # Optimizer states stored per model parameter (not per DP bucket): loads at any TP/PP/DP.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
+TORCH_DIST = "torch_dist"  # state.json "format": megatron-core's dist_checkpointing
+DEEPSPEED = "deepspeed"  # state.json "format": DeepSpeed's save_checkpoint (parallel.engine=deepspeed)
 TMP = ".tmp"  # suffix of leftovers: staging directories, `latest.tmp`, copies being deleted
 TRASH = ".old" + TMP  # a superseded copy is renamed to <name>.old.tmp, then deleted
 CHECKPOINT_NAME = re.compile(r"step_(0|[1-9]\d*)(?:_([1-9]\d*))?")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint of a format this operation cannot read; the message says what can."""
 
 
 def _fix_torch_adam_checkpointing() -> None:
@@ -205,33 +211,43 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank calls it with `path` = .../step_<N>. Returns the checkpoint
     once it is complete and `latest` names it: `path`, or `step_<N>_<k>` when a copy of
-    step N exists (see the naming rule above)."""
+    step N exists (see the naming rule above). The format is the engine's: megatron's
+    dist checkpoint, or DeepSpeed's (state.json says which, under "format")."""
+    meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
+    meta |= engine.checkpoint_layout()
+    if include_optimizer:
+        meta["schedule"] = engine.schedule_state()  # megatron's OptimizerParamScheduler state
+    if meta["format"] == DEEPSPEED:  # DeepSpeed writes model and ZeRO partitions together
+        return _save(Path(path), engine.save_state, meta, config_yaml)
     sharded = {"model": engine.module.sharded_state_dict()}
     if include_optimizer:
         sharded["optimizer"] = engine.optimizer.sharded_state_dict(
             sharded["model"], metadata=SHARDING_METADATA
         )
-    meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
-    if include_optimizer:
-        meta["schedule"] = engine.schedule_state()  # megatron's OptimizerParamScheduler state
-    return _save(Path(path), sharded, meta, config_yaml)
+    return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
 
 
 def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, world_size: int) -> Path:
     """Collective: a model-only checkpoint without an engine (e.g. weights converted by
     `dlm import-hf`), in the format of `save_checkpoint(..., include_optimizer=False)`."""
-    meta = {**state, "has_optimizer": False, "world_size": world_size}
-    return _save(Path(path), {"model": model.sharded_state_dict()}, meta, config_yaml)
+    meta = {**state, "has_optimizer": False, "world_size": world_size, "format": TORCH_DIST}
+    sharded = {"model": model.sharded_state_dict()}
+    return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
 
 
-def _save(path: Path, sharded: dict, meta: dict, config_yaml: str) -> Path:
+def _save_dist(sharded: dict, staging: Path) -> None:
+    dist_checkpointing.save(sharded, str(staging))
+
+
+def _save(path: Path, write, meta: dict, config_yaml: str) -> Path:
     """Every rank writes its part of the checkpoint of step N (`path`: .../step_<N>) to
-    the staging directory; rank 0 publishes it. Returns the published checkpoint."""
+    the staging directory (`write(staging)`); rank 0 publishes it. Returns the published
+    checkpoint."""
     staging = _staging_dir(path)
     if _rank() == 0:
         stage_checkpoint(path)
     torch.distributed.barrier()
-    dist_checkpointing.save(sharded, str(staging))
+    write(staging)
     (staging / "rng").mkdir(exist_ok=True)
     save_file(_rng_state(), str(staging / "rng" / f"rank_{_rank()}.safetensors"))
     torch.distributed.barrier()
@@ -346,14 +362,50 @@ def _delete(path: Path) -> None:
         path.unlink()
 
 
+def checkpoint_format(state: dict) -> str:
+    """The format of a checkpoint from its state.json (checkpoints before the DeepSpeed
+    engine existed are megatron dist checkpoints)."""
+    return state.get("format", TORCH_DIST)
+
+
 def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) -> dict:
-    """Collective. Loads the model (and optimizer if asked and present) saved under any
-    layout into this one. Returns the checkpoint's state.json, plus `schedule_changes`
-    (how the saved LR/weight-decay schedule differs from this run's) after an optimizer load."""
+    """Collective. Loads the model (and optimizer if asked and present) into this engine:
+    a megatron dist checkpoint saved under any layout, or a DeepSpeed checkpoint (into the
+    DeepSpeed engine at the layout it was saved with). Returns the checkpoint's
+    state.json, plus `schedule_changes` (how the saved LR/weight-decay schedule differs
+    from this run's) after an optimizer load."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     load_optimizer = load_optimizer and state.get("has_optimizer", False)
+    saved, mine = checkpoint_format(state), engine.checkpoint_layout()["format"]
+    if saved != mine and load_optimizer:
+        raise CheckpointFormatError(
+            f"{path} is a {saved} checkpoint and this run's engine writes {mine}: the optimizer "
+            f"state does not move between engines here; start from its weights with "
+            f"checkpoint.init_from={path} checkpoint.resume=false in a new run.dir"
+        )
+    if saved == DEEPSPEED:
+        if mine != DEEPSPEED:
+            raise CheckpointFormatError(
+                f"{path} is a DeepSpeed checkpoint: load it with parallel.engine=deepspeed"
+            )
+        engine.load_state(path, state, load_optimizer=load_optimizer)
+    elif mine == DEEPSPEED:
+        engine.load_weights(functools.partial(_load_dist_model, path))
+    else:
+        _load_dist(path, engine, load_optimizer)
+    if load_optimizer:
+        # the schedule continues at the checkpoint's step, as this run's config defines it
+        state["schedule_changes"] = engine.restore_schedule(state.get("schedule"), state["step"])
+    rng = path / "rng" / f"rank_{_rank()}.safetensors"
+    if load_optimizer and state.get("world_size") == engine.topo.world_size and rng.exists():
+        _set_rng_state(load_file(str(rng)))
+    torch.distributed.barrier()
+    return state
 
+
+def _load_dist(path: Path, engine: Engine, load_optimizer: bool) -> None:
+    """A megatron dist checkpoint into the megatron engine."""
     sharded = {"model": engine.module.sharded_state_dict()}
     if load_optimizer:
         sharded["optimizer"] = engine.optimizer.sharded_state_dict(
@@ -363,18 +415,17 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
     engine.module.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
-        # the schedule continues at the checkpoint's step, as this run's config defines it
-        state["schedule_changes"] = engine.restore_schedule(state.get("schedule"), state["step"])
     else:
         # With bf16 the optimizer keeps fp32 main params made from the weights the model
         # was built with; its next step would copy those back over the loaded ones.
         # Refresh them from the loaded weights, as Megatron-LM's load_checkpoint does.
         engine.optimizer.reload_model_params()
-    rng = path / "rng" / f"rank_{_rank()}.safetensors"
-    if load_optimizer and state.get("world_size") == engine.topo.world_size and rng.exists():
-        _set_rng_state(load_file(str(rng)))
-    torch.distributed.barrier()
-    return state
+
+
+def _load_dist_model(path: Path, model) -> None:
+    """The weights of a megatron dist checkpoint into a bare denoiser stage."""
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
@@ -398,7 +449,10 @@ def load_model_checkpoint(path: Path, model) -> dict:
     this stage (`model`: a bare denoiser stage). Returns the checkpoint's state.json."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(loaded["model"])
+    if checkpoint_format(state) != TORCH_DIST:
+        raise CheckpointFormatError(
+            f"{path} is a {checkpoint_format(state)} checkpoint; this reads megatron dist checkpoints"
+        )
+    _load_dist_model(path, model)
     torch.distributed.barrier()
     return state

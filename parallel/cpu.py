@@ -147,3 +147,24 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. DeepSpeed (parallel/deepspeed_engine.py), before deepspeed.initialize.
+# ---------------------------------------------------------------------------------------
+def apply_deepspeed() -> bool:
+    """On a machine without CUDA: DeepSpeed's CPU accelerator JIT-compiles its
+    shared-memory all-reduce op (`deepspeed_shm_comm`, 21-43 s) at every process start,
+    from deepspeed/comm/torch.py:207 (`self.shm_comm_op = build_shm_op()` in
+    TorchBackend.__init__). Only inference_all_reduce uses it; training reduces through
+    the gloo group. Returns True when the shim is active."""
+    if not needed():
+        return False
+    import importlib
+    import sys
+
+    importlib.import_module("deepspeed.comm.torch")
+    # `deepspeed.comm.torch` the attribute is torch itself (deepspeed/comm/__init__.py):
+    # reach the module through sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return True

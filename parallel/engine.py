@@ -36,6 +36,7 @@ from parallel.optim import (
     weight_decay_start,
 )
 from parallel.topology import ConfigError, Topology
+from parallel.zero import ZeroConfig
 
 
 class StepResult(NamedTuple):
@@ -139,7 +140,7 @@ class Engine:
                 continue
             column = 2 if excluded_from_decay(self.optim.no_decay, name, param.dim()) else 0
             counts[column] += 1
-            counts[column + 1] += param.numel()
+            counts[column + 1] += getattr(param, "ds_numel", param.numel())  # ZeRO-3: full size
         torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
         tensors, params, no_tensors, no_params = (int(x) for x in counts.tolist())
         return (
@@ -149,6 +150,22 @@ class Engine:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds of the weights (its shards) and of the optimizer (fp32
+        master weights and Adam moments of its partition), measured from the tensors."""
+        return {
+            "weights": sum(_local_tensor(p).numel() * p.element_size() for p in self.model.parameters()),
+            "optimizer": optimizer_bytes(self.optimizer.optimizer),
+        }
+
+    def checkpoint_layout(self) -> dict:
+        """What state.json records of the format and layout this engine's checkpoints have."""
+        return {"format": "torch_dist"}  # megatron's dist checkpoint: loads under any layout
+
+    def run_files(self) -> dict[str, str]:
+        """Files the engine's own configuration adds to the run directory: {name: text}."""
+        return {}
 
     # -- losses under tensor parallelism -------------------------------------------------
     @staticmethod
@@ -247,6 +264,18 @@ class Engine:
         torch.distributed.barrier()
 
 
+def _local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank stores of a parameter: its ZeRO-3 partition, else the tensor."""
+    return getattr(param, "ds_tensor", param)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of a torch optimizer's parameters (the fp32 master copies it updates) and states."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in params + states)
+
+
 def _counted_here(param: torch.nn.Parameter, topo: Topology) -> bool:
     """Count a parameter once over tensor-parallel ranks: its shard if it is split, else
     only on tensor-parallel rank 0 (replicated: norms, the QKV bias' replicas...)."""
@@ -262,12 +291,9 @@ def _schedule_extras(scheduler) -> dict:
     }
 
 
-def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
-    """megatron-core parameter-group overrides: wd_mult 0 for the parameters optim.no_decay
-    names (replaces megatron's standard rule, which the default patterns reproduce). A
-    pattern that matches no parameter on any rank is an error naming the key."""
-    if not patterns:
-        return {}
+def check_no_decay(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Collective: a pattern of optim.no_decay that matches no parameter on any rank is an
+    error naming the key."""
     names = [(local_name(n), p.dim()) for n, p in model.named_parameters()]
     unmatched = torch.tensor(
         [not any(excluded_from_decay([pattern], n, dim) for n, dim in names) for pattern in patterns],
@@ -279,6 +305,14 @@ def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
         missing = [p for p, flag in zip(patterns, unmatched.tolist(), strict=True) if flag]
         example = ", ".join(n for n, _ in names[:4])
         raise ConfigError(f"optim.no_decay: {missing} match no parameter (names look like: {example}, ...)")
+
+
+def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
+    """megatron-core parameter-group overrides: wd_mult 0 for the parameters optim.no_decay
+    names (replaces megatron's standard rule, which the default patterns reproduce)."""
+    if not patterns:
+        return {}
+    check_no_decay(model, patterns)
     key = ParamKey(
         with_name_predicate=ParamWithNamePredicate(
             name=f"no_decay:{tuple(patterns)}",
@@ -289,6 +323,35 @@ def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
 
 
 def build_engine(
+    model: Denoiser,
+    topo: Topology,
+    optim: OptimConfig,
+    *,
+    train_steps: int,
+    distributed: bool = True,
+    engine: str = "megatron",
+    zero: ZeroConfig | None = None,
+    micro_batch_size: int = 1,
+    num_microbatches: int = 1,
+) -> Engine:
+    """The training engine `engine` (parallel.engine) around one denoiser stage. The
+    DeepSpeed engine (parallel/deepspeed_engine.py) takes `zero` and the batch shape."""
+    if engine == "deepspeed":
+        from parallel.deepspeed_engine import build_deepspeed_engine
+
+        return build_deepspeed_engine(
+            model,
+            topo,
+            optim,
+            zero or ZeroConfig(),
+            train_steps=train_steps,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=num_microbatches,
+        )
+    return build_megatron_engine(model, topo, optim, train_steps=train_steps, distributed=distributed)
+
+
+def build_megatron_engine(
     model: Denoiser, topo: Topology, optim: OptimConfig, *, train_steps: int, distributed: bool = True
 ) -> Engine:
     """Wrap one denoiser stage for training: (Float16Module,) DDP, megatron's optimizer

@@ -30,7 +30,9 @@ class Command:
     plain_subcommands: tuple[str, ...] = ()  # subcommands taking plain arguments (dlm slurm status RUN)
 
 
-TRAIN_GROUPS = ("model", "data", "mixture", "parallel", "optim", "curriculum", "cluster", "experiment")
+TRAIN_GROUPS = (
+    "model", "data", "mixture", "parallel", "optim", "zero", "curriculum", "cluster", "experiment",
+)  # fmt: skip
 
 COMMANDS = {
     c.name: c

@@ -1,5 +1,5 @@
 """Typed configuration: dataclass schemas registered in Hydra's ConfigStore, YAML
-presets in `conf/` (groups model/ data/ parallel/ optim/ curriculum/ cluster/ experiment/),
+presets in `conf/` (groups model/ data/ parallel/ optim/ zero/ curriculum/ cluster/ experiment/),
 and `derive()`, the one place where values that follow from others are computed.
 
 Configs are composed with Hydra's compose API rather than `@hydra.main`, so that
@@ -23,6 +23,8 @@ from parallel.dims import ModelDims, count_parameters
 from parallel.optim import OptimConfig
 from parallel.optim import validate as validate_optim
 from parallel.topology import ConfigError, padded_vocab_size
+from parallel.zero import ZeroConfig
+from parallel.zero import validate as validate_zero
 from pretrain.curriculum import CurriculumConfig
 from pretrain.curriculum import check as check_curriculum
 
@@ -86,7 +88,10 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size: ranks each layer is split over
     pp: int = 1  # pipeline-parallel size: stages the layers are split into
     dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * pp)
-    distributed_optimizer: bool = True  # ZeRO-1: Adam states sharded over dp ranks
+    distributed_optimizer: bool = True  # megatron engine: ZeRO-1, Adam states sharded over dp ranks
+    # the training engine: megatron (TP/PP/DP, distributed optimizer) | deepspeed (ZeRO
+    # stage 1/2/3 and CPU/NVMe offload from the zero: section, TP; no PP)
+    engine: str = "megatron"
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # training data and its loader (conf/data/)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tp x pp x dp layout (conf/parallel/)
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its LR schedule (conf/optim/)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)  # DeepSpeed ZeRO (conf/zero/)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the hardware, for MFU (conf/cluster/)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the masked-diffusion loss
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # masking schedules (t band etc.)
@@ -448,6 +454,8 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch_size={t.micro_batch_size} must be even"
         )
     validate_optim(cfg.optim)
+    p = cfg.parallel
+    validate_zero(cfg.zero, engine=p.engine, pp=p.pp, distributed_optimizer=p.distributed_optimizer)
 
 
 def takes_mask_tensors(cfg: Config) -> bool:

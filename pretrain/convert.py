@@ -487,6 +487,11 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
     checkpoint = resolve_checkpoint(Path(cfg.checkpoint))
     config = load_checkpoint_config(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
+    if state.get("format", "torch_dist") != "torch_dist":
+        raise ConvertError(
+            f"checkpoint={checkpoint} is a {state['format']} checkpoint (parallel.engine=deepspeed); "
+            "export-hf reads megatron dist checkpoints, and DeepSpeed -> dist conversion is not built yet"
+        )
     m, derived = config.model, state.get("derived", {})
     vocab = m.vocab_size or derived.get("vocab_size")
     if vocab is None:

@@ -24,6 +24,7 @@ from data import pipeline
 from data.files import write_atomic
 from data.shards import ShardFormatError
 from parallel.topology import ConfigError, cause_line
+from parallel.zero import check_checkpoint_engine
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
 from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
@@ -436,8 +437,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
         vocab = pipeline.describe(cfg.data)
     except (pipeline.DataConfigError, ShardFormatError) as e:
         raise ConfigError(str(e)) from e
-    if cfg.checkpoint.init_from:
-        resolve_checkpoint(Path(cfg.checkpoint.init_from))  # exists, names a complete checkpoint
+    check_checkpoints(cfg)
     world_size = world_size or parallel.LaunchEnv.detect().world_size
     derived = derive(cfg, world_size, vocab_size=vocab.vocab_size, mask_id=vocab.mask_id)
     try:
@@ -463,6 +463,23 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
     return vocab, derived, layout
 
 
+def check_checkpoints(cfg: Config) -> None:
+    """The checkpoint the run would resume from (run.dir's latest) or start from
+    (checkpoint.init_from) exists, is complete and suits parallel.engine."""
+    engine = cfg.parallel.engine
+    if cfg.checkpoint.resume and (Path(cfg.run.dir) / "checkpoints" / "latest").exists():
+        path = resolve_checkpoint(Path(cfg.run.dir), "run.dir")
+        check_checkpoint_engine(read_state(path), engine, where=f"run.dir's latest ({path})", resuming=True)
+    elif cfg.checkpoint.init_from:
+        path = resolve_checkpoint(Path(cfg.checkpoint.init_from))  # exists, names a complete checkpoint
+        where = f"checkpoint.init_from={path}"
+        check_checkpoint_engine(read_state(path), engine, where=where, resuming=False)
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "state.json").read_text())
+
+
 def setup(cfg: Config) -> Run:
     """Everything a training run needs: process groups, model, engine, the checkpoint to
     continue from, data, the run directory's logs."""
@@ -485,7 +502,15 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
     bf16 = derived.precision == "bf16"
     model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     engine = parallel.build_engine(
-        model, topo, cfg.optim, train_steps=cfg.train.steps, distributed=cfg.parallel.distributed_optimizer
+        model,
+        topo,
+        cfg.optim,
+        train_steps=cfg.train.steps,
+        distributed=cfg.parallel.distributed_optimizer,
+        engine=cfg.parallel.engine,
+        zero=cfg.zero,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_microbatches=derived.num_microbatches,
     )
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
     run.stage_keys = stage_data_keys(cfg, topo)
@@ -527,6 +552,8 @@ def start_logging(run: Run, peak: str, param_groups: str) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run.run_dir / "config.yaml", to_yaml(cfg))
     write_atomic(run.run_dir / "derived.json", json.dumps(derived.as_dict(), indent=2))
+    for name, text in run.engine.run_files().items():  # e.g. the generated DeepSpeed config
+        write_atomic(run.run_dir / name, text)
     run.logger = MetricsLogger(
         run.run_dir,
         start_step=run.step,
@@ -568,7 +595,7 @@ def resume(run: Run) -> dict | None:
         run.tokens_seen = state.get("tokens_seen", run.consumed_samples * run.cfg.data.seq_len)
         data_state = state.get("data_state")
         source = f"resumed from {latest} (step {run.step})"
-        if state["schedule_changes"]:
+        if state.get("schedule_changes"):
             source += "; the LR/weight-decay schedule follows this config: " + ", ".join(
                 state["schedule_changes"]
             )

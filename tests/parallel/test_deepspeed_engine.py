@@ -1,0 +1,131 @@
+"""The DeepSpeed engine (parallel.engine=deepspeed) against the megatron engine in one
+process, as users launch the trainer.
+
+Every run starts from one megatron seed checkpoint (so `checkpoint.init_from` of a
+megatron checkpoint into DeepSpeed's ZeRO partitions is exercised by every layout) and
+trains on the same batches with the curriculum of tests/pretrain/test_train.py (masked
+normalization over microbatches and ranks, random lengths, complementary pairs, tied
+embeddings: the output layer reads the embedding's weight, which ZeRO-3 must gather).
+ZeRO-1/2/3 at DP=2, ZeRO-3 with the optimizer offloaded to the CPU, and ZeRO-2 at
+TP=2 x DP=2 must give the one-process losses, gradient norms and LR to fp32 tolerance;
+a ZeRO-3 run resumed from its step-3 DeepSpeed checkpoint must continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.dist import launch, read_metrics, spawn
+from tests.pretrain.test_train import CONFIG, STEPS, _assert_same_steps
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = ["parallel.engine=deepspeed", "zero.stage3_param_persistence_threshold=0"]
+LAYOUTS = {  # name: (processes, overrides)
+    "zero1_dp2": (2, ["zero=zero1"]),
+    "zero2_dp2": (2, ["zero=zero2"]),
+    "zero3_dp2": (2, ["zero=zero3"]),
+    "zero3_offload_dp2": (2, ["zero=zero3_offload", "zero.optimizer=torch"]),
+    "zero2_tp2_dp2": (4, ["zero=zero2", "parallel.tp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(root) -> Path:
+    launch(1, ["--seed-checkpoint", *CONFIG, f"run.dir={root / 'seed'}"])
+    return root / "seed" / "checkpoints" / "step_0"
+
+
+@pytest.fixture(scope="module")
+def reference(root, seed_checkpoint) -> Path:
+    """The megatron engine in one process."""
+    run_dir = root / "reference"
+    launch(1, [*CONFIG, f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def layout_runs(root, seed_checkpoint) -> dict[str, Path]:
+    runs = {}
+    for name, (nproc, overrides) in LAYOUTS.items():
+        run_dir = root / name
+        start = [f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"]
+        launch(nproc, [*CONFIG, *DEEPSPEED, *overrides, *start])
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_deepspeed_layout_matches_the_megatron_engine_in_one_process(layout, reference, layout_runs):
+    _assert_same_steps(read_metrics(layout_runs[layout]), read_metrics(reference), layout)
+
+
+def test_deepspeed_run_records_its_config_and_checkpoints(layout_runs):
+    run_dir = layout_runs["zero3_offload_dp2"]
+    ds_config = json.loads((run_dir / "deepspeed_config.json").read_text())
+    zero = ds_config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert ds_config["train_batch_size"] == 8 and ds_config["gradient_accumulation_steps"] == 2
+    checkpoint = run_dir / "checkpoints" / f"step_{STEPS}"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert (state["format"], state["zero_stage"], state["dp"]) == ("deepspeed", 3, 2)
+    assert len(list(checkpoint.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per dp rank
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
+
+
+def test_zero3_resume_from_its_checkpoint_is_exact(root, layout_runs):
+    """3 + 3 steps == 6 steps: weights, ZeRO-partitioned Adam states, schedule, data, RNG."""
+    source = layout_runs["zero3_dp2"]
+    resumed = root / "zero3_resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    (resumed / "checkpoints" / "latest").write_text("step_3")
+    launch(2, [*CONFIG, *DEEPSPEED, "zero=zero3", f"run.dir={resumed}"])
+    rows = read_metrics(resumed)
+    assert [r["step"] for r in rows] == [4, 5, 6]
+    expected = [r for r in read_metrics(source) if r["step"] > 3]
+    for got, want in zip(rows, expected, strict=True):
+        assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), got["step"]
+
+
+def test_a_deepspeed_checkpoint_is_refused_by_the_megatron_engine_naming_the_key(root, layout_runs):
+    checkpoint = layout_runs["zero2_dp2"] / "checkpoints" / f"step_{STEPS}"
+    overrides = [*CONFIG, f"run.dir={root / 'refused'}", f"checkpoint.init_from={checkpoint}"]
+    proc = launch(1, overrides, check=False)
+    assert proc.returncode != 0
+    assert "parallel.engine=deepspeed" in proc.stdout + proc.stderr
+
+
+def _memory_after_one_step(overrides: list[str]) -> dict[str, int]:
+    from parallel import shutdown_distributed
+    from pretrain.config import load_config
+    from pretrain.train import setup, train_step
+
+    run = setup(load_config(overrides))
+    train_step(run)
+    report = run.engine.memory_report()
+    run.data.close()
+    if run.logger:
+        run.logger.close()
+    shutdown_distributed()
+    return report
+
+
+def test_zero3_shards_weights_and_optimizer_states_over_data_parallel_ranks(root):
+    """Per-rank bytes measured from the engine's partitions: about half at DP=2."""
+    overrides = [*CONFIG, *DEEPSPEED, "zero=zero3", "train.steps=1"]
+    (one,) = spawn(_memory_after_one_step, 1, [*overrides, f"run.dir={root / 'mem1'}"], timeout=600)
+    two = spawn(_memory_after_one_step, 2, [*overrides, f"run.dir={root / 'mem2'}"], timeout=600)
+    for key in ("weights", "optimizer"):
+        assert one[key] > 0
+        for rank in two:
+            assert 0.45 < rank[key] / one[key] < 0.55, (key, rank[key], one[key])
