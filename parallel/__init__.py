@@ -1,4 +1,4 @@
-"""Everything that touches megatron-core (and later DeepSpeed) lives in this package.
+"""Everything that touches megatron-core and DeepSpeed lives in this package.
 
 pretrain/ uses only the names below. They are resolved lazily so that importing
 `parallel.topology` (config validation) does not pay megatron-core's import time.
@@ -45,6 +45,9 @@ _EXPORTS = {
     "start_writer_helpers": "parallel.checkpoint",
     "save_model_checkpoint": "parallel.checkpoint",
     "load_model_checkpoint": "parallel.checkpoint",
+    "save_weights_copy": "parallel.checkpoint",
+    "ensure_universal": "parallel.deepspeed_engine",
+    "universal_weights": "parallel.deepspeed_engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -212,19 +212,23 @@ def save_checkpoint(
     """Collective: every rank calls it with `path` = .../step_<N>. Returns the checkpoint
     once it is complete and `latest` names it: `path`, or `step_<N>_<k>` when a copy of
     step N exists (see the naming rule above). The format is the engine's: megatron's
-    dist checkpoint, or DeepSpeed's (state.json says which, under "format")."""
+    dist checkpoint, or DeepSpeed's (state.json says which, under "format"); without the
+    optimizer (a seed checkpoint) it is always the dist checkpoint."""
     meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
-    meta |= engine.checkpoint_layout()
     if include_optimizer:
+        meta |= engine.checkpoint_layout()
         meta["schedule"] = engine.schedule_state()  # megatron's OptimizerParamScheduler state
-    if meta["format"] == DEEPSPEED:  # DeepSpeed writes model and ZeRO partitions together
-        return _save(Path(path), engine.save_state, meta, config_yaml)
-    sharded = {"model": engine.module.sharded_state_dict()}
-    if include_optimizer:
-        sharded["optimizer"] = engine.optimizer.sharded_state_dict(
-            sharded["model"], metadata=SHARDING_METADATA
-        )
-    return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
+        if meta["format"] == DEEPSPEED:  # DeepSpeed writes model and ZeRO partitions together
+            return _save(Path(path), engine.save_state, meta, config_yaml)
+    else:
+        meta["format"] = TORCH_DIST  # weights only: reshardable, read by either engine
+    with engine.whole_weights():  # ZeRO-3: gathered while megatron saves them
+        sharded = {"model": engine.module.sharded_state_dict()}
+        if include_optimizer:
+            sharded["optimizer"] = engine.optimizer.sharded_state_dict(
+                sharded["model"], metadata=SHARDING_METADATA
+            )
+        return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
 
 
 def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, world_size: int) -> Path:
@@ -233,6 +237,24 @@ def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, w
     meta = {**state, "has_optimizer": False, "world_size": world_size, "format": TORCH_DIST}
     sharded = {"model": model.sharded_state_dict()}
     return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
+
+
+def save_weights_copy(directory: Path, model, *, state: dict, config_yaml: str) -> Path:
+    """One process: `model`'s weights as a complete model-only dist checkpoint in
+    `directory` (e.g. `step_<N>/dist/`, the converted copy of a DeepSpeed checkpoint),
+    written to `<directory>.tmp` and renamed once complete (state.json last)."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + TMP)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _save_dist({"model": model.sharded_state_dict()}, staging)
+    _fsync_tree(staging)
+    write_atomic(staging / "config.yaml", config_yaml)
+    meta = {**state, "has_optimizer": False, "world_size": 1, "format": TORCH_DIST}
+    write_atomic(staging / "state.json", json.dumps(meta, indent=2))
+    os.replace(staging, directory)
+    fsync_dir(directory.parent)
+    return directory
 
 
 def _save_dist(sharded: dict, staging: Path) -> None:
@@ -385,11 +407,12 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
             f"checkpoint.init_from={path} checkpoint.resume=false in a new run.dir"
         )
     if saved == DEEPSPEED:
-        if mine != DEEPSPEED:
+        if mine != DEEPSPEED or not load_optimizer:
             raise CheckpointFormatError(
-                f"{path} is a DeepSpeed checkpoint: load it with parallel.engine=deepspeed"
+                f"{path} is a DeepSpeed checkpoint: it resumes the DeepSpeed engine; its weights "
+                "alone are read from its dist copy (pretrain/engine_convert.py dist_weights)"
             )
-        engine.load_state(path, state, load_optimizer=load_optimizer)
+        engine.load_state(path, state, load_optimizer=True)
     elif mine == DEEPSPEED:
         engine.load_weights(functools.partial(_load_dist_model, path))
     else:

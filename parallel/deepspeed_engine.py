@@ -21,8 +21,10 @@ as it unscales an fp16 loss (`override_loss_scale`, stage_1_and_2.py / stage3.py
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -36,6 +38,9 @@ from parallel.model import Denoiser
 from parallel.optim import OptimConfig, excluded_from_decay, scheduler_arguments, weight_decay_start
 from parallel.topology import Topology
 from parallel.zero import ZeroConfig, deepspeed_config
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+UNIVERSAL = "universal"  # step_<N>/universal/: DeepSpeed's universal checkpoint of step_<N>
 
 
 class MegatronMPU:
@@ -90,24 +95,62 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
 
     def load_state(self, path: Path, state: dict, *, load_optimizer: bool) -> None:
-        """Collective: a DeepSpeed checkpoint of this engine's layout (ZeRO partitions are
-        per data-parallel rank): weights, and the optimizer when `load_optimizer`."""
+        """Collective: a DeepSpeed checkpoint's weights and optimizer (resume). Saved at
+        this layout and ZeRO stage: directly; at another data-parallel size or stage:
+        through DeepSpeed's universal checkpoint, made once next to it
+        (`step_<N>/universal/`). The tensor-parallel size must match. (Weights alone are
+        read from the checkpoint's dist copy: DeepSpeed's ZeRO-3 weights-only load looks
+        for a `latest` file of its own, engine.py _load_checkpoint.)"""
         saved = {key: state.get(key) for key in ("tp", "dp", "zero_stage")}
         mine = {key: value for key, value in self.checkpoint_layout().items() if key in saved}
-        if saved != mine:
+        if saved["tp"] != mine["tp"]:
             raise ValueError(
-                f"{path} was saved by DeepSpeed at {saved} and this run is {mine}: a DeepSpeed "
-                "checkpoint loads at the layout and ZeRO stage it was saved with"
+                f"{path} was saved by DeepSpeed at parallel.tp={saved['tp']} and this run has "
+                f"parallel.tp={mine['tp']}: a DeepSpeed checkpoint keeps its tensor-parallel size"
             )
-        loaded, _ = self.model.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=False,  # the schedule is megatron's (restore_schedule)
-            load_module_strict=True,
-        )
+        if saved["tp"] > 1 and (saved["zero_stage"] == 3) != (mine["zero_stage"] == 3):
+            raise ValueError(
+                f"{path} was saved by DeepSpeed with zero.stage={saved['zero_stage']} at parallel.tp="
+                f"{saved['tp']}: with tensor parallelism DeepSpeed's universal checkpoint loads ZeRO-3 "
+                "only into ZeRO-3 and ZeRO-1/2 only into ZeRO-1/2 (its ZeRO-3 loader finds no model files)"
+            )
+        tag, universal = path.name, saved != mine
+        if universal:
+            tag = UNIVERSAL
+            if self.topo.rank == 0:
+                ensure_universal(path)
+            torch.distributed.barrier()
+        self.model._config.load_universal_checkpoint = universal  # read by load_checkpoint
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            with weights_only_loads():
+                loaded, _ = self.model.load_checkpoint(
+                    str(path if universal else path.parent),
+                    tag=tag,
+                    load_optimizer_states=load_optimizer,
+                    load_lr_scheduler_states=False,  # the schedule is megatron's (restore_schedule)
+                    load_module_strict=True,
+                )
+        finally:
+            self.model._config.load_universal_checkpoint = False
+        # A universal load gives every group the hyperparameters of group 0
+        # (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay
+        # group would get wd_mult 1. The groups' own settings are this run's config.
+        for group, settings in zip(self.optimizer.param_groups, groups, strict=True):
+            group.update(settings)
+        # ... and every group's Adam state the same `step` tensor, which torch's AdamW
+        # increments in place once per group per update: one copy each.
+        for param_state in self.optimizer.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
+
+    def whole_weights(self):
+        import deepspeed
+
+        params = list(self.module.parameters())
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3)
 
     def load_weights(self, fill: Callable[[torch.nn.Module], None]) -> None:
         """Collective: `fill(denoiser)` loads weights into the whole (under ZeRO-3:
@@ -170,25 +213,137 @@ class DeepSpeedEngine(Engine):
         return StepResult(bool(applied), norm, float(group["lr"]), float(group["weight_decay"]))
 
 
-def _load_weights_only() -> None:
-    """DeepSpeed reads its checkpoint files with full unpickling (`torch.load(...,
-    weights_only=False)`, deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py:37),
-    which runs whatever code a file names. Read them as tensors and plain containers
-    only, allowing the classes DeepSpeed pickles into them (loss scaler, ZeRO stage enum,
-    fragment addresses: data, no code; measured on ZeRO-1/2/3 and offload checkpoints);
-    a file needing anything else fails, naming the class."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every `torch.load` inside: tensors and plain containers only. DeepSpeed reads its
+    checkpoint files with full unpickling (`weights_only=False`:
+    runtime/checkpoint_engine/torch_checkpoint_engine.py:37, checkpoint/ds_to_universal.py,
+    checkpoint/universal_checkpoint.py), which runs whatever code a file names. torch's
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides those call sites; the classes DeepSpeed
+    pickles into its files (loss scaler, ZeRO stage enum, fragment addresses: data, no
+    code; measured on ZeRO-1/2/3 and offload checkpoints) are allowed, a file needing
+    anything else fails, naming the class."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    def load(self, path: str, map_location=None):
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
-    TorchCheckpointEngine.load = load
+
+def ensure_universal(checkpoint: Path) -> Path:
+    """`<checkpoint>/universal/`, DeepSpeed's universal checkpoint of a DeepSpeed
+    checkpoint, made now if it does not exist (one process: call it on one rank).
+    A large checkpoint converts faster beforehand, with DeepSpeed's parallel workers:
+    python -m deepspeed.checkpoint.ds_to_universal --input_folder C --output_folder C/universal.tmp
+    then rename universal.tmp to universal."""
+    out = checkpoint / UNIVERSAL
+    if not out.is_dir():
+        to_universal(checkpoint, out)
+    return out
+
+
+def universal_weights(universal: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 weights from a universal checkpoint, whole (the tensor-
+    parallel slices merged as `universal_checkpoint_info` says: the layout of tp=1), by
+    the denoiser's parameter names, in `shapes` (ZeRO-3's are stored flat)."""
+    from parallel.optim import local_name
+
+    weights = {}
+    with weights_only_loads():
+        for path in sorted((universal / "zero").glob("*/fp32.pt")):
+            loaded = torch.load(path, map_location="cpu")
+            name = local_name(path.parent.name)
+            tensor = loaded["param"] if isinstance(loaded, dict) else loaded  # ZeRO-1/2 | ZeRO-3
+            if name in shapes and tensor.numel() != shapes[name].numel():
+                raise ValueError(f"{path}: {tuple(tensor.shape)} does not fit {name} {tuple(shapes[name])}")
+            weights[name] = tensor.reshape(shapes[name]) if name in shapes else tensor
+    if not weights:
+        raise FileNotFoundError(f"{universal}: no zero/<parameter>/fp32.pt (not a universal checkpoint)")
+    return weights
+
+
+def to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint of `checkpoint` (one process): every parameter's
+    fp32 weights and Adam moments whole, loadable at any data-parallel size and ZeRO
+    stage. Written to `<out>.tmp` and renamed: `out` exists only complete."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from data.files import fsync_dir
+
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    arguments = argparse.Namespace(
+        input_folder=str(checkpoint),
+        output_folder=str(staging),
+        # in this process: a rank with a live process group is not forked
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,  # saved by the engine (universal_checkpoint_info)
+    )
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # its per-file chatter
+        ds_to_universal.main(arguments)
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer (to the .tmp)
+    fsync_dir(staging)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+
+
+def universal_checkpoint_info(module: torch.nn.Module) -> dict:
+    """How ds_to_universal merges each parameter's tensor-parallel slices, from the
+    megatron-core layers' own attributes: norms and other unsplit parameters are
+    replicated, row-parallel weights (linear_proj, linear_fc2) are cut along dim 1,
+    SwiGLU's linear_fc1 holds two sub-parameters, the rest (column-parallel: QKV by
+    query group, the vocabulary) is cut along dim 0, ds_to_universal's default. So the
+    merged tensors are the tp=1 layout megatron's own checkpoints store. The vocabulary's
+    padding is kept (it does not depend on parallel.tp)."""
+    from deepspeed.checkpoint import constants
+
+    replicated, rows, gated = [], [], []
+    glu = module.config.gated_linear_unit
+    for name, param in module.named_parameters():
+        pattern = re.escape(name) + "$"
+        if not getattr(param, "tensor_model_parallel", False):
+            replicated.append(pattern)
+        elif getattr(param, "partition_dim", 0) == 1:
+            rows.append(pattern)
+        elif glu and name.endswith("linear_fc1.weight"):
+            gated.append(pattern)  # each slice is [gate_r; up_r]: merged as [gate; up]
+    return {
+        constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        constants.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: rows,
+        constants.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: gated,
+    }
+
+
+def _without_empty_extra_state(module_state_dict: Callable) -> Callable:
+    """DeepSpeed's module state without megatron's empty `*._extra_state` entries (None:
+    kept for Transformer Engine compatibility, tensor_parallel/layers.py:1075), on which
+    ds_to_universal fails (`None.float()`, checkpoint/ds_to_universal.py:1226). Loading
+    does not miss them: megatron's layers add the entry back (layers.py:941)."""
+
+    def state_dict(*args, **kwargs):
+        state = module_state_dict(*args, **kwargs)
+        for key in [k for k, v in state.items() if k.endswith("._extra_state") and v is None]:
+            del state[key]
+        return state
+
+    return state_dict
 
 
 def _param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -244,8 +399,6 @@ def build_deepspeed_engine(
     cpu.apply_deepspeed()
     import deepspeed
 
-    _load_weights_only()
-
     config = model.config
     module = Float16Module(config, model) if config.bf16 else model
     ds_config = deepspeed_config(
@@ -262,6 +415,8 @@ def build_deepspeed_engine(
             print(f"dlm train: {line}", flush=True)
 
     optimizer = _adamw(_param_groups(module, optim), optim, zero, log)
+    # saved in every checkpoint (deepspeed/runtime/engine.py reads this attribute)
+    module.universal_checkpoint_info = universal_checkpoint_info(module)
     # DeepSpeed asserts LOCAL_RANK is set (engine.py _do_args_sanity_check): torchrun sets
     # it, srun and a single process do not.
     os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
@@ -269,6 +424,7 @@ def build_deepspeed_engine(
         model=module, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )
     engine.optimizer.override_loss_scale(1.0)  # forward_backward's losses are unscaled sums
+    engine.module_state_dict = _without_empty_extra_state(engine.module_state_dict)
     if zero.stage == 3 and model.share_embeddings_and_output_weights and model.post_process:
         # ZeRO-3 gathers a weight only inside its own module's forward; the output layer
         # uses the embedding's (tied) weight.

@@ -12,6 +12,7 @@ sampler on the live model).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -158,6 +159,11 @@ class Engine:
             "weights": sum(_local_tensor(p).numel() * p.element_size() for p in self.model.parameters()),
             "optimizer": optimizer_bytes(self.optimizer.optimizer),
         }
+
+    def whole_weights(self):
+        """A context in which `module`'s parameters are whole on every rank (the
+        megatron engine's always are)."""
+        return contextlib.nullcontext()
 
     def checkpoint_layout(self) -> dict:
         """What state.json records of the format and layout this engine's checkpoints have."""

@@ -144,15 +144,15 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def check_checkpoint_engine(state: dict, engine: str, *, where: str, resuming: bool) -> None:
-    """Before start: whether a checkpoint (its state.json) can be read by parallel.engine.
-    A megatron dist checkpoint gives any engine its weights; a DeepSpeed one only the
-    DeepSpeed engine; resuming (optimizer included) needs the engine that wrote it."""
+    """Before start: whether parallel.engine can take a checkpoint (its state.json). Its
+    weights: any engine (a DeepSpeed checkpoint reaches the megatron engine through a
+    converted dist copy, pretrain/engine_convert.py); resuming, optimizer included: only
+    the engine that wrote it."""
     saved = state.get("format", "torch_dist")
-    if saved == "deepspeed" and engine != "deepspeed":
-        raise ConfigError(f"{where} is a DeepSpeed checkpoint: it loads with parallel.engine=deepspeed")
-    if resuming and saved == "torch_dist" and engine == "deepspeed" and state.get("has_optimizer"):
+    writer = "deepspeed" if saved == "deepspeed" else "megatron"
+    if resuming and state.get("has_optimizer") and writer != engine:
         raise ConfigError(
-            f"{where} is a megatron-engine checkpoint with its optimizer: resuming needs "
-            "parallel.engine=megatron; to continue under DeepSpeed from its weights, set "
-            "checkpoint.init_from to it with a new run.dir"
+            f"{where} was written by the {writer} engine with its optimizer: resuming needs "
+            f"parallel.engine={writer}; to continue with parallel.engine={engine} from its weights, "
+            "set checkpoint.init_from to it with a new run.dir"
         )

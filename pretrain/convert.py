@@ -487,11 +487,6 @@ def build_export_plan(cfg: ExportHFConfig) -> ExportPlan:
     checkpoint = resolve_checkpoint(Path(cfg.checkpoint))
     config = load_checkpoint_config(checkpoint)
     state = json.loads((checkpoint / "state.json").read_text())
-    if state.get("format", "torch_dist") != "torch_dist":
-        raise ConvertError(
-            f"checkpoint={checkpoint} is a {state['format']} checkpoint (parallel.engine=deepspeed); "
-            "export-hf reads megatron dist checkpoints, and DeepSpeed -> dist conversion is not built yet"
-        )
     m, derived = config.model, state.get("derived", {})
     vocab = m.vocab_size or derived.get("vocab_size")
     if vocab is None:
@@ -608,7 +603,10 @@ class ExportRun:
             tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=1, seed=0, model_dims=_layout(a, plan.padded)
         )
         model = parallel.build_model(build_dims(a, plan.padded), topo, initialize=False)
-        parallel.load_model_checkpoint(plan.checkpoint, model)
+        from pretrain.engine_convert import dist_weights
+
+        # a DeepSpeed checkpoint is read through its converted dist copy (made once)
+        parallel.load_model_checkpoint(dist_weights(plan.checkpoint), model)
         spec = ExportSpec(a, plan.padded, cfg.format == "bidirectional", DTYPES[cfg.dtype])
         shapes = spec.hf_shapes()
         tensors = export_tensors(model, topo, spec)

@@ -30,11 +30,12 @@ from pretrain.config import Config, load_checkpoint_config, resolve_checkpoint
 
 def evaluate_checkpoint(path: Path, cfg: Config) -> dict:
     """Load the checkpoint's weights into this launch's layout and evaluate them."""
+    from pretrain.engine_convert import dist_weights
     from pretrain.train import build_data, build_run, evaluate
 
     cfg.checkpoint.init_from, cfg.checkpoint.resume = str(path), False
     run, vocab = build_run(cfg)
-    state = parallel.load_checkpoint(path, run.engine, load_optimizer=False)
+    state = parallel.load_checkpoint(dist_weights(path), run.engine, load_optimizer=False)
     run.step = int(state.get("step", 0))
     run.data = build_data(run, vocab, None)
     try:

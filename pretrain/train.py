@@ -27,6 +27,7 @@ from parallel.topology import ConfigError, cause_line
 from parallel.zero import check_checkpoint_engine
 from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
 from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
+from pretrain.engine_convert import dist_weights
 from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
 from pretrain.masks import annealed_causal_mask, block_diffusion_mask
 from pretrain.metrics import MetricsLogger, peak_flops_per_device
@@ -601,7 +602,9 @@ def resume(run: Run) -> dict | None:
             )
     elif ckpt_cfg.init_from:
         path = resolve_checkpoint(Path(ckpt_cfg.init_from))
-        parallel.load_checkpoint(path, run.engine, load_optimizer=False)
+        # weights are read from dist checkpoints (resharded to any layout, either engine):
+        # a DeepSpeed checkpoint's converted copy
+        parallel.load_checkpoint(dist_weights(path), run.engine, load_optimizer=False)
         source = f"initialised from the weights of {path}"
     else:
         return None

@@ -8,7 +8,10 @@ normalization over microbatches and ranks, random lengths, complementary pairs, 
 embeddings: the output layer reads the embedding's weight, which ZeRO-3 must gather).
 ZeRO-1/2/3 at DP=2, ZeRO-3 with the optimizer offloaded to the CPU, and ZeRO-2 at
 TP=2 x DP=2 must give the one-process losses, gradient norms and LR to fp32 tolerance;
-a ZeRO-3 run resumed from its step-3 DeepSpeed checkpoint must continue exactly.
+a ZeRO-3 run resumed from its step-3 DeepSpeed checkpoint must continue exactly, and at
+DP=1 (DeepSpeed's universal checkpoint) to fp32 tolerance. The weights move between the
+engines' formats both ways: megatron -> DeepSpeed at every launch above, DeepSpeed ->
+megatron (a converted dist copy) into the megatron engine and into `dlm export-hf`.
 """
 
 from __future__ import annotations
@@ -82,13 +85,18 @@ def test_deepspeed_run_records_its_config_and_checkpoints(layout_runs):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
 
 
+def _copy_run(source: Path, step: int, dest: Path) -> Path:
+    """A run directory holding only `source`'s checkpoint of `step` (resumed from)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / f"step_{step}", dest / "checkpoints" / f"step_{step}")
+    (dest / "checkpoints" / "latest").write_text(f"step_{step}")
+    return dest
+
+
 def test_zero3_resume_from_its_checkpoint_is_exact(root, layout_runs):
     """3 + 3 steps == 6 steps: weights, ZeRO-partitioned Adam states, schedule, data, RNG."""
     source = layout_runs["zero3_dp2"]
-    resumed = root / "zero3_resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    (resumed / "checkpoints" / "latest").write_text("step_3")
+    resumed = _copy_run(source, 3, root / "zero3_resumed")
     launch(2, [*CONFIG, *DEEPSPEED, "zero=zero3", f"run.dir={resumed}"])
     rows = read_metrics(resumed)
     assert [r["step"] for r in rows] == [4, 5, 6]
@@ -97,12 +105,94 @@ def test_zero3_resume_from_its_checkpoint_is_exact(root, layout_runs):
         assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), got["step"]
 
 
-def test_a_deepspeed_checkpoint_is_refused_by_the_megatron_engine_naming_the_key(root, layout_runs):
-    checkpoint = layout_runs["zero2_dp2"] / "checkpoints" / f"step_{STEPS}"
-    overrides = [*CONFIG, f"run.dir={root / 'refused'}", f"checkpoint.init_from={checkpoint}"]
-    proc = launch(1, overrides, check=False)
-    assert proc.returncode != 0
-    assert "parallel.engine=deepspeed" in proc.stdout + proc.stderr
+@pytest.mark.parametrize(
+    ("source", "nproc", "overrides"),
+    [
+        ("zero3_dp2", 1, ["zero=zero3"]),  # DP 2 -> 1
+        ("zero2_tp2_dp2", 2, ["zero=zero1", "parallel.tp=2"]),  # DP 2 -> 1 and ZeRO 2 -> 1 at TP=2
+    ],
+)
+def test_resume_at_another_dp_size_through_the_universal_checkpoint(
+    root, layout_runs, source, nproc, overrides
+):
+    resumed = _copy_run(layout_runs[source], 3, root / f"{source}_universal")
+    launch(nproc, [*CONFIG, *DEEPSPEED, *overrides, f"run.dir={resumed}"])
+    expected = [r for r in read_metrics(layout_runs[source]) if r["step"] > 3]
+    _assert_same_steps(read_metrics(resumed), expected, f"{source} resumed at dp=1")
+    checkpoint = resumed / "checkpoints" / "step_3"
+    assert (checkpoint / "universal" / "zero").is_dir()
+    assert not list(checkpoint.glob("*.tmp")) and not (checkpoint / "latest_universal").exists()
+
+
+def test_a_deepspeed_checkpoint_does_not_resume_under_the_megatron_engine(root, layout_runs):
+    resumed = _copy_run(layout_runs["zero2_dp2"], STEPS, root / "refused")
+    proc = launch(1, [*CONFIG, f"run.dir={resumed}"], check=False)
+    assert proc.returncode == 2
+    assert "parallel.engine=deepspeed" in proc.stderr
+
+
+def test_a_deepspeed_seed_checkpoint_is_a_dist_checkpoint_of_the_same_weights(root, reference):
+    """Weights only, the DeepSpeed engine (ZeRO-3: gathered) writes megatron's reshardable
+    format: the megatron engine started from it reproduces the megatron seed's run."""
+    seed = root / "deepspeed_seed"
+    launch(1, ["--seed-checkpoint", *CONFIG, *DEEPSPEED, "zero=zero3", f"run.dir={seed}"])
+    checkpoint = seed / "checkpoints" / "step_0"
+    assert json.loads((checkpoint / "state.json").read_text())["format"] == "torch_dist"
+    run_dir = root / "megatron_from_deepspeed_seed"
+    launch(1, [*CONFIG, f"run.dir={run_dir}", f"checkpoint.init_from={checkpoint}"])
+    _assert_same_steps(read_metrics(run_dir), read_metrics(reference), "megatron from a DeepSpeed seed")
+
+
+def test_a_deepspeed_checkpoint_starts_the_megatron_engine_through_its_dist_copy(root, layout_runs):
+    """The same trained weights, read by DeepSpeed itself (DP 2 -> 1: universal) and by the
+    megatron engine (the converted dist copy), train identically from a new optimizer."""
+    checkpoint = layout_runs["zero3_dp2"] / "checkpoints" / f"step_{STEPS}"
+    runs = {}
+    for engine, extra in (("deepspeed", [*DEEPSPEED, "zero=zero3"]), ("megatron", [])):
+        runs[engine] = root / f"{engine}_from_zero3"
+        launch(1, [*CONFIG, *extra, f"run.dir={runs[engine]}", f"checkpoint.init_from={checkpoint}"])
+    assert json.loads((checkpoint / "dist" / "state.json").read_text())["format"] == "torch_dist"
+    rows, expected = read_metrics(runs["megatron"]), read_metrics(runs["deepspeed"])
+    _assert_same_steps(rows, expected, "megatron vs deepspeed from a DeepSpeed checkpoint")
+    assert rows[0]["loss"] < read_metrics(layout_runs["zero3_dp2"])[0]["loss"]  # trained weights
+
+
+def _live_logits(run_dir: str, overrides: list[str], ids):
+    """The DeepSpeed engine's logits after resuming `run_dir` (every rank's; rank 0's kept)."""
+    from parallel import shutdown_distributed
+    from pretrain.config import load_config
+    from pretrain.train import setup
+
+    run = setup(load_config([*CONFIG, *DEEPSPEED, *overrides, f"run.dir={run_dir}"]))
+    logits = run.engine.forward_logits(ids, run.derived.vocab_size)
+    run.data.close()
+    if run.logger:
+        run.logger.close()
+    shutdown_distributed()
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides"),
+    [("zero3_dp2", ["zero=zero3"]), ("zero2_tp2_dp2", ["zero=zero2", "parallel.tp=2"])],  # live: 2 ranks
+)
+def test_a_deepspeed_checkpoint_exports_to_hugging_face_with_the_live_models_logits(
+    root, layout_runs, source, overrides
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    live_dir = _copy_run(layout_runs[source], STEPS, root / f"live_{source}")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    want = spawn(_live_logits, 2, str(live_dir), overrides, ids, timeout=600)[0]
+    out = root / f"exported_{source}"
+    checkpoint = layout_runs[source] / "checkpoints" / f"step_{STEPS}"
+    launch(1, ["export-hf", f"checkpoint={checkpoint}", f"output={out}"], module="pretrain.cli")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def _memory_after_one_step(overrides: list[str]) -> dict[str, int]:

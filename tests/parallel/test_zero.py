@@ -86,14 +86,16 @@ def test_the_megatron_engine_ignores_the_zero_section():
     assert load_config(["zero.stage=3", "parallel.pp=2"]).parallel.engine == "megatron"
 
 
-def test_checkpoints_are_matched_to_the_engine_that_can_read_them():
+def test_checkpoints_are_matched_to_the_engine_that_can_resume_them():
     deepspeed = {"format": "deepspeed", "has_optimizer": True}
     megatron = {"format": "torch_dist", "has_optimizer": True}
     seed = {"has_optimizer": False}  # written before formats were recorded: torch_dist
     with pytest.raises(ConfigError, match="parallel.engine=deepspeed"):
-        check_checkpoint_engine(deepspeed, "megatron", where="x", resuming=False)
+        check_checkpoint_engine(deepspeed, "megatron", where="x", resuming=True)
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
         check_checkpoint_engine(megatron, "deepspeed", where="x", resuming=True)
-    check_checkpoint_engine(megatron, "deepspeed", where="x", resuming=False)  # weights only
+    for state in (deepspeed, megatron, seed):  # weights only: either engine
+        for engine in ("megatron", "deepspeed"):
+            check_checkpoint_engine(state, engine, where="x", resuming=False)
     check_checkpoint_engine(seed, "deepspeed", where="x", resuming=True)
     check_checkpoint_engine(deepspeed, "deepspeed", where="x", resuming=True)
