@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/loader_sources.py
 	$(PY) bench/convert_throughput.py
 	$(PY) bench/curriculum_throughput.py
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
