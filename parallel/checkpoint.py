@@ -412,7 +412,7 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
                 f"{path} is a DeepSpeed checkpoint: it resumes the DeepSpeed engine; its weights "
                 "alone are read from its dist copy (pretrain/engine_convert.py dist_weights)"
             )
-        engine.load_state(path, state, load_optimizer=True)
+        engine.load_state(path, state)
     elif mine == DEEPSPEED:
         engine.load_weights(functools.partial(_load_dist_model, path))
     else:

@@ -33,11 +33,18 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from data.files import fsync_dir
 from parallel.engine import Engine, StepResult, check_no_decay
 from parallel.model import Denoiser
-from parallel.optim import OptimConfig, excluded_from_decay, scheduler_arguments, weight_decay_start
+from parallel.optim import (
+    OptimConfig,
+    excluded_from_decay,
+    local_name,
+    scheduler_arguments,
+    weight_decay_start,
+)
 from parallel.topology import Topology
-from parallel.zero import ZeroConfig, deepspeed_config
+from parallel.zero import ZeroConfig, deepspeed_config, zero_stage_change
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 UNIVERSAL = "universal"  # step_<N>/universal/: DeepSpeed's universal checkpoint of step_<N>
@@ -94,7 +101,7 @@ class DeepSpeedEngine(Engine):
         into the staging directory; no `latest` of DeepSpeed's own (ours is the pointer)."""
         self.model.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
 
-    def load_state(self, path: Path, state: dict, *, load_optimizer: bool) -> None:
+    def load_state(self, path: Path, state: dict) -> None:
         """Collective: a DeepSpeed checkpoint's weights and optimizer (resume). Saved at
         this layout and ZeRO stage: directly; at another data-parallel size or stage:
         through DeepSpeed's universal checkpoint, made once next to it
@@ -108,12 +115,9 @@ class DeepSpeedEngine(Engine):
                 f"{path} was saved by DeepSpeed at parallel.tp={saved['tp']} and this run has "
                 f"parallel.tp={mine['tp']}: a DeepSpeed checkpoint keeps its tensor-parallel size"
             )
-        if saved["tp"] > 1 and (saved["zero_stage"] == 3) != (mine["zero_stage"] == 3):
-            raise ValueError(
-                f"{path} was saved by DeepSpeed with zero.stage={saved['zero_stage']} at parallel.tp="
-                f"{saved['tp']}: with tensor parallelism DeepSpeed's universal checkpoint loads ZeRO-3 "
-                "only into ZeRO-3 and ZeRO-1/2 only into ZeRO-1/2 (its ZeRO-3 loader finds no model files)"
-            )
+        problem = zero_stage_change(saved["zero_stage"], mine["zero_stage"])
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         tag, universal = path.name, saved != mine
         if universal:
             tag = UNIVERSAL
@@ -127,7 +131,7 @@ class DeepSpeedEngine(Engine):
                 loaded, _ = self.model.load_checkpoint(
                     str(path if universal else path.parent),
                     tag=tag,
-                    load_optimizer_states=load_optimizer,
+                    load_optimizer_states=True,
                     load_lr_scheduler_states=False,  # the schedule is megatron's (restore_schedule)
                     load_module_strict=True,
                 )
@@ -256,8 +260,6 @@ def universal_weights(universal: Path, shapes: dict[str, torch.Size]) -> dict[st
     """Every parameter's fp32 weights from a universal checkpoint, whole (the tensor-
     parallel slices merged as `universal_checkpoint_info` says: the layout of tp=1), by
     the denoiser's parameter names, in `shapes` (ZeRO-3's are stored flat)."""
-    from parallel.optim import local_name
-
     weights = {}
     with weights_only_loads():
         for path in sorted((universal / "zero").glob("*/fp32.pt")):
@@ -280,8 +282,6 @@ def to_universal(checkpoint: Path, out: Path) -> None:
     import shutil
 
     from deepspeed.checkpoint import ds_to_universal
-
-    from data.files import fsync_dir
 
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)

@@ -143,16 +143,36 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def check_checkpoint_engine(state: dict, engine: str, *, where: str, resuming: bool) -> None:
-    """Before start: whether parallel.engine can take a checkpoint (its state.json). Its
-    weights: any engine (a DeepSpeed checkpoint reaches the megatron engine through a
-    converted dist copy, pretrain/engine_convert.py); resuming, optimizer included: only
-    the engine that wrote it."""
+def check_checkpoint_engine(
+    state: dict, engine: str, *, where: str, resuming: bool, zero_stage: int | None = None
+) -> None:
+    """Before start: whether parallel.engine (and zero.stage) can take a checkpoint (its
+    state.json). Its weights: any engine (a DeepSpeed checkpoint reaches the megatron
+    engine through a converted dist copy, pretrain/engine_convert.py); resuming,
+    optimizer included: only the engine that wrote it, at a ZeRO stage it can load."""
     saved = state.get("format", "torch_dist")
     writer = "deepspeed" if saved == "deepspeed" else "megatron"
-    if resuming and state.get("has_optimizer") and writer != engine:
+    if not (resuming and state.get("has_optimizer")):
+        return
+    if writer != engine:
         raise ConfigError(
             f"{where} was written by the {writer} engine with its optimizer: resuming needs "
             f"parallel.engine={writer}; to continue with parallel.engine={engine} from its weights, "
             "set checkpoint.init_from to it with a new run.dir"
         )
+    problem = zero_stage_change(state.get("zero_stage"), zero_stage) if writer == "deepspeed" else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+
+
+def zero_stage_change(saved: int | None, mine: int | None) -> str | None:
+    """Why a DeepSpeed checkpoint of ZeRO stage `saved` cannot resume at stage `mine`, or
+    None. Measured with deepspeed 0.19.8: its universal checkpoint moves ZeRO-1 <-> 2
+    (and any DP size), not ZeRO-3 <-> 1/2 (the loader finds no model files)."""
+    if saved is None or mine is None or (saved == 3) == (mine == 3):
+        return None
+    return (
+        f"saved with zero.stage={saved}, resumed with zero.stage={mine}: DeepSpeed resumes ZeRO-3 "
+        "only as ZeRO-3 and ZeRO-1/2 only as ZeRO-1/2; start from its weights with "
+        "checkpoint.init_from in a new run.dir"
+    )

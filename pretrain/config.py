@@ -585,6 +585,18 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def layout_dims(cfg: Config, padded_vocab: int) -> dict:
+    """The model's sizes the process layout is checked against (Topology.build's keywords)."""
+    m = cfg.model
+    return dict(
+        num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        padded_vocab=padded_vocab,
+    )
+
+
 def model_dims(cfg: Config, padded_vocab: int) -> ModelDims:
     m = cfg.model
     return ModelDims(

@@ -64,7 +64,7 @@ def _run_alone(function, *args) -> None:
 def _convert(checkpoint: str) -> None:
     """In the fresh process: DeepSpeed checkpoint -> `<checkpoint>/dist/`."""
     import parallel
-    from pretrain.config import load_checkpoint_config, model_dims, to_yaml
+    from pretrain.config import layout_dims, load_checkpoint_config, model_dims, to_yaml
 
     path = Path(checkpoint)
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
@@ -73,15 +73,9 @@ def _convert(checkpoint: str) -> None:
     os.environ["MASTER_PORT"] = str(parallel.topology._free_port())
     state = json.loads((path / "state.json").read_text())
     cfg = load_checkpoint_config(path, [])
-    dims = model_dims(cfg, state["derived"]["padded_vocab_size"])
-    layout = dict(
-        num_layers=dims.num_layers,
-        num_attention_heads=dims.num_attention_heads,
-        num_query_groups=dims.num_query_groups,
-        ffn_hidden_size=dims.ffn_hidden_size,
-        padded_vocab=dims.padded_vocab_size,
-    )
-    topo = parallel.init_distributed(tp=1, pp=1, dp=1, seed=cfg.seed, model_dims=layout)
+    padded = state["derived"]["padded_vocab_size"]
+    dims = model_dims(cfg, padded)
+    topo = parallel.init_distributed(tp=1, pp=1, dp=1, seed=cfg.seed, model_dims=layout_dims(cfg, padded))
     try:
         model = parallel.build_model(dims, topo, initialize=False)
         if state.get("tp", 1) > 1 and state.get("zero_stage") == 3:

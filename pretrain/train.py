@@ -25,7 +25,16 @@ from data.files import write_atomic
 from data.shards import ShardFormatError
 from parallel.topology import ConfigError, cause_line
 from parallel.zero import check_checkpoint_engine
-from pretrain.config import Config, Derived, derive, load_config, model_dims, resolve_checkpoint, to_yaml
+from pretrain.config import (
+    Config,
+    Derived,
+    derive,
+    layout_dims,
+    load_config,
+    model_dims,
+    resolve_checkpoint,
+    to_yaml,
+)
 from pretrain.curriculum import StepCurriculum, curriculum_at, eval_curriculum
 from pretrain.engine_convert import dist_weights
 from pretrain.likelihood import bits_per_byte, combine, eval_masks, nll_sum, sample_stats
@@ -452,14 +461,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
         )
     except pipeline.DataConfigError as e:
         raise ConfigError(str(e)) from e
-    m = cfg.model
-    layout = dict(
-        num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size,
-        padded_vocab=derived.padded_vocab_size,
-    )
+    layout = layout_dims(cfg, derived.padded_vocab_size)
     parallel.Topology.build(world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, **layout)
     return vocab, derived, layout
 
@@ -470,7 +472,8 @@ def check_checkpoints(cfg: Config) -> None:
     engine = cfg.parallel.engine
     if cfg.checkpoint.resume and (Path(cfg.run.dir) / "checkpoints" / "latest").exists():
         path = resolve_checkpoint(Path(cfg.run.dir), "run.dir")
-        check_checkpoint_engine(read_state(path), engine, where=f"run.dir's latest ({path})", resuming=True)
+        where, stage = f"run.dir's latest ({path})", cfg.zero.stage
+        check_checkpoint_engine(read_state(path), engine, where=where, resuming=True, zero_stage=stage)
     elif cfg.checkpoint.init_from:
         path = resolve_checkpoint(Path(cfg.checkpoint.init_from))  # exists, names a complete checkpoint
         where = f"checkpoint.init_from={path}"

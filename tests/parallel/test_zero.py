@@ -99,3 +99,14 @@ def test_checkpoints_are_matched_to_the_engine_that_can_resume_them():
             check_checkpoint_engine(state, engine, where="x", resuming=False)
     check_checkpoint_engine(seed, "deepspeed", where="x", resuming=True)
     check_checkpoint_engine(deepspeed, "deepspeed", where="x", resuming=True)
+
+
+def test_a_deepspeed_checkpoint_resumes_within_its_zero_family():
+    zero3 = {"format": "deepspeed", "has_optimizer": True, "zero_stage": 3}
+    zero2 = {**zero3, "zero_stage": 2}
+    with pytest.raises(ConfigError, match="zero.stage=3, resumed with zero.stage=1"):
+        check_checkpoint_engine(zero3, "deepspeed", where="x", resuming=True, zero_stage=1)
+    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+        check_checkpoint_engine(zero2, "deepspeed", where="x", resuming=True, zero_stage=3)
+    check_checkpoint_engine(zero2, "deepspeed", where="x", resuming=True, zero_stage=1)  # universal
+    check_checkpoint_engine(zero3, "deepspeed", where="x", resuming=False, zero_stage=1)  # weights
