@@ -43,7 +43,7 @@ from parallel.optim import (
     scheduler_arguments,
     weight_decay_start,
 )
-from parallel.topology import Topology
+from parallel.topology import ConfigError, Topology
 from parallel.zero import ZeroConfig, deepspeed_config, zero_stage_change
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -423,6 +423,14 @@ def build_deepspeed_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )
+    if not hasattr(engine.optimizer, "override_loss_scale"):
+        # DeepSpeed's BF16_Optimizer (bf16, zero.stage=1, no offload, fp32 gradient
+        # accumulation asked for in zero.extra's data_types) has no loss scale.
+        raise ConfigError(
+            f"zero.extra={zero.extra} selects DeepSpeed's {type(engine.optimizer).__name__}, which has "
+            "no loss scale to normalize the loss by the global token count: use zero.stage=2, or "
+            "leave data_types.grad_accum_dtype unset"
+        )
     engine.optimizer.override_loss_scale(1.0)  # forward_backward's losses are unscaled sums
     engine.module_state_dict = _without_empty_extra_state(engine.module_state_dict)
     if zero.stage == 3 and model.share_embeddings_and_output_weights and model.post_process:

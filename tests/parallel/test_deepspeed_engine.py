@@ -17,6 +17,7 @@ megatron (a converted dist copy) into the megatron engine and into `dlm export-h
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,35 @@ def test_zero3_shards_weights_and_optimizer_states_over_data_parallel_ranks(root
         assert one[key] > 0
         for rank in two:
             assert 0.45 < rank[key] / one[key] < 0.55, (key, rank[key], one[key])
+
+
+def _assert_tracks(rows: list[dict], expected: list[dict], rel_tol: float) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=rel_tol), (got["step"], got, want)
+
+
+def test_bf16_zero3_tracks_the_fp32_megatron_reference(root, seed_checkpoint, reference):
+    """bf16 (Float16Module around the denoiser, as the megatron engine; DeepSpeed's bf16
+    partitions and gradients) from the same seed checkpoint, within bf16 noise."""
+    run_dir = root / "bf16_zero3"
+    overrides = [*CONFIG, *DEEPSPEED, "zero=zero3", "train.precision=bf16"]
+    launch(1, [*overrides, f"run.dir={run_dir}", f"checkpoint.init_from={seed_checkpoint}"])
+    _assert_tracks(read_metrics(run_dir), read_metrics(reference), rel_tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_deepspeed_zero3_bf16_run_tracks_the_cpu_reference(root, seed_checkpoint, reference):
+    """On a GPU: DeepSpeed's CUDA accelerator, NCCL, bf16 (the GPU default), Transformer
+    Engine layers when installed, ZeRO-3 gathering them, from the CPU reference's seed."""
+    run_dir = root / "gpu_zero3"
+    overrides = [
+        *CONFIG,
+        *DEEPSPEED,
+        "zero=zero3",
+        f"run.dir={run_dir}",
+        f"checkpoint.init_from={seed_checkpoint}",
+    ]
+    proc = launch(1, overrides, gpu=True)
+    assert "nccl" in proc.stdout and "bf16" in proc.stdout, proc.stdout[-2000:]
+    _assert_tracks(read_metrics(run_dir), read_metrics(reference), rel_tol=1e-2)
