@@ -38,6 +38,7 @@ _EXPORTS = {
     "OptimConfig": "parallel.optim",
     "StepResult": "parallel.engine",
     "build_engine": "parallel.engine",
+    "model_context": "parallel.engine",
     "save_checkpoint": "parallel.checkpoint",
     "load_checkpoint": "parallel.checkpoint",
     "latest_checkpoint": "parallel.checkpoint",

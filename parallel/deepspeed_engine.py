@@ -40,6 +40,7 @@ from parallel.optim import (
     OptimConfig,
     excluded_from_decay,
     local_name,
+    param_ndim,
     scheduler_arguments,
     weight_decay_start,
 )
@@ -354,7 +355,7 @@ def _param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            exempt = excluded_from_decay(optim.no_decay, name, param.dim())
+            exempt = excluded_from_decay(optim.no_decay, name, param_ndim(param))
             (no_decay if exempt else decay).append(param)
     groups = [
         {"params": params, "wd_mult": mult, "lr_mult": 1.0, "max_lr": optim.lr, "min_lr": optim.min_lr}
@@ -380,6 +381,33 @@ def _adamw(groups: list[dict], optim: OptimConfig, zero: ZeroConfig, log: Callab
                 raise RuntimeError(message) from error
             log(f"zero.optimizer=auto: DeepSpeedCPUAdam does not build ({error}); using torch's AdamW")
     return torch.optim.AdamW(groups, foreach=False, **arguments)
+
+
+def zero_init(
+    zero: ZeroConfig,
+    topo: Topology,
+    *,
+    bf16: bool,
+    clip_grad: float,
+    micro_batch_size: int,
+    num_microbatches: int,
+):
+    """DeepSpeed's ZeRO-3 construction context for this run's config (its partitioning
+    over the data-parallel group of `MegatronMPU`, offload_param's device, the dtype)."""
+    from parallel import cpu
+
+    cpu.apply_deepspeed()
+    import deepspeed
+
+    os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
+    config = deepspeed_config(
+        zero, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, dp=topo.dp,
+        clip_grad=clip_grad, bf16=bf16,
+    )  # fmt: skip
+    # dtype from the config (bf16 or fp32): an explicit dtype is ignored on a CPU accelerator
+    # (partition_parameters.py:409 picks bf16: `dtype or fp16 if ... else bf16 ...`).
+    # mem_efficient_linear=False: no process-wide replacement of torch.nn.functional.linear.
+    return deepspeed.zero.Init(config_dict_or_path=config, mpu=MegatronMPU(), mem_efficient_linear=False)
 
 
 def build_deepspeed_engine(

@@ -33,6 +33,7 @@ from parallel.optim import (
     OptimConfig,
     excluded_from_decay,
     local_name,
+    param_ndim,
     scheduler_arguments,
     weight_decay_start,
 )
@@ -139,7 +140,7 @@ class Engine:
         for name, param in self.model.named_parameters():
             if getattr(param, "shared", False) or not _counted_here(param, self.topo):
                 continue
-            column = 2 if excluded_from_decay(self.optim.no_decay, name, param.dim()) else 0
+            column = 2 if excluded_from_decay(self.optim.no_decay, name, param_ndim(param)) else 0
             counts[column] += 1
             counts[column + 1] += getattr(param, "ds_numel", param.numel())  # ZeRO-3: full size
         torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
@@ -300,7 +301,7 @@ def _schedule_extras(scheduler) -> dict:
 def check_no_decay(model: torch.nn.Module, patterns: list[str]) -> None:
     """Collective: a pattern of optim.no_decay that matches no parameter on any rank is an
     error naming the key."""
-    names = [(local_name(n), p.dim()) for n, p in model.named_parameters()]
+    names = [(local_name(n), param_ndim(p)) for n, p in model.named_parameters()]
     unmatched = torch.tensor(
         [not any(excluded_from_decay([pattern], n, dim) for n, dim in names) for pattern in patterns],
         dtype=torch.int32,
@@ -322,10 +323,38 @@ def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
     key = ParamKey(
         with_name_predicate=ParamWithNamePredicate(
             name=f"no_decay:{tuple(patterns)}",
-            fn=lambda param, name: excluded_from_decay(patterns, name, param.dim()),
+            fn=lambda param, name: excluded_from_decay(patterns, name, param_ndim(param)),
         )
     )
     return {key: {"wd_mult": 0.0}}
+
+
+def model_context(
+    engine: str,
+    zero: ZeroConfig,
+    topo: Topology,
+    *,
+    bf16: bool,
+    clip_grad: float,
+    micro_batch_size: int,
+    num_microbatches: int,
+):
+    """Where the denoiser is built. Under DeepSpeed ZeRO-3: inside `deepspeed.zero.Init`,
+    so that every rank keeps only its partition of each weight from construction on (the
+    whole model never exists on one device; with zero.offload_param, not on any GPU).
+    Otherwise nothing special."""
+    if engine == "deepspeed" and zero.stage == 3:
+        from parallel.deepspeed_engine import zero_init
+
+        return zero_init(
+            zero,
+            topo,
+            bf16=bf16,
+            clip_grad=clip_grad,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=num_microbatches,
+        )
+    return contextlib.nullcontext()
 
 
 def build_engine(

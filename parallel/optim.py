@@ -118,6 +118,11 @@ def local_name(name: str) -> str:
     return name
 
 
+def param_ndim(param) -> int:
+    """A parameter's number of dimensions, also when ZeRO-3 holds it partitioned (flat)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def excluded_from_decay(patterns: list[str], name: str, ndim: int) -> bool:
     """Whether optim.no_decay exempts the parameter `name` (wrapper prefixes allowed)."""
     name = local_name(name)

@@ -504,7 +504,17 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
     )
     bf16 = derived.precision == "bf16"
-    model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
+    context = parallel.model_context(
+        cfg.parallel.engine,
+        cfg.zero,
+        topo,
+        bf16=bf16,
+        clip_grad=cfg.optim.clip_grad,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_microbatches=derived.num_microbatches,
+    )
+    with context:  # DeepSpeed ZeRO-3: each rank builds only its partitions
+        model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     engine = parallel.build_engine(
         model,
         topo,
