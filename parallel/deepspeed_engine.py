@@ -400,6 +400,9 @@ def zero_init(
     import deepspeed
 
     os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
+    # DeepSpeed's communication layer over our process group before zero.Init reads its
+    # config: without it the batch check sees a world of 1 (runtime/config.py)
+    deepspeed.init_distributed(dist_backend=topo.backend, dist_init_required=False, verbose=False)
     config = deepspeed_config(
         zero, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, dp=topo.dp,
         clip_grad=clip_grad, bf16=bf16,
