@@ -39,6 +39,7 @@ _EXPORTS = {
     "StepResult": "parallel.engine",
     "build_engine": "parallel.engine",
     "model_context": "parallel.engine",
+    "deepspeed_run": "parallel.zero",
     "save_checkpoint": "parallel.checkpoint",
     "load_checkpoint": "parallel.checkpoint",
     "latest_checkpoint": "parallel.checkpoint",

@@ -44,8 +44,8 @@ from parallel.optim import (
     scheduler_arguments,
     weight_decay_start,
 )
-from parallel.topology import ConfigError, Topology
-from parallel.zero import ZeroConfig, deepspeed_config, zero_stage_change
+from parallel.topology import ConfigError, LaunchEnv, Topology
+from parallel.zero import DeepSpeedRun, ZeroConfig, zero_stage_change
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 UNIVERSAL = "universal"  # step_<N>/universal/: DeepSpeed's universal checkpoint of step_<N>
@@ -383,63 +383,43 @@ def _adamw(groups: list[dict], optim: OptimConfig, zero: ZeroConfig, log: Callab
     return torch.optim.AdamW(groups, foreach=False, **arguments)
 
 
-def zero_init(
-    zero: ZeroConfig,
-    topo: Topology,
-    *,
-    bf16: bool,
-    clip_grad: float,
-    micro_batch_size: int,
-    num_microbatches: int,
-):
+def zero_init(run: DeepSpeedRun):
     """DeepSpeed's ZeRO-3 construction context for this run's config (its partitioning
     over the data-parallel group of `MegatronMPU`, offload_param's device, the dtype)."""
-    from parallel import cpu
-
-    cpu.apply_deepspeed()
-    import deepspeed
-
-    os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
-    # DeepSpeed's communication layer over our process group before zero.Init reads its
-    # config: without it the batch check sees a world of 1 (runtime/config.py)
-    deepspeed.init_distributed(dist_backend=topo.backend, dist_init_required=False, verbose=False)
-    config = deepspeed_config(
-        zero, micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, dp=topo.dp,
-        clip_grad=clip_grad, bf16=bf16,
-    )  # fmt: skip
+    deepspeed = _start_deepspeed()
     # dtype from the config (bf16 or fp32): an explicit dtype is ignored on a CPU accelerator
     # (partition_parameters.py:409 picks bf16: `dtype or fp16 if ... else bf16 ...`).
     # mem_efficient_linear=False: no process-wide replacement of torch.nn.functional.linear.
-    return deepspeed.zero.Init(config_dict_or_path=config, mpu=MegatronMPU(), mem_efficient_linear=False)
+    return deepspeed.zero.Init(
+        config_dict_or_path=run.config(), mpu=MegatronMPU(), mem_efficient_linear=False
+    )
 
 
-def build_deepspeed_engine(
-    model: Denoiser,
-    topo: Topology,
-    optim: OptimConfig,
-    zero: ZeroConfig,
-    *,
-    train_steps: int,
-    micro_batch_size: int,
-    num_microbatches: int,
-) -> DeepSpeedEngine:
-    """Wrap one denoiser (the whole model: no pipeline) in DeepSpeed's engine with ZeRO
-    `zero.stage`, our AdamW parameter groups and megatron's LR/weight-decay scheduler."""
+def _start_deepspeed():
+    """deepspeed, with its communication layer over our process group (before zero.Init
+    reads its config: else its batch check sees a world of 1, runtime/config.py)."""
     from parallel import cpu
 
     cpu.apply_deepspeed()
     import deepspeed
 
-    config = model.config
-    module = Float16Module(config, model) if config.bf16 else model
-    ds_config = deepspeed_config(
-        zero,
-        micro_batch_size=micro_batch_size,
-        num_microbatches=num_microbatches,
-        dp=topo.dp,
-        clip_grad=optim.clip_grad,
-        bf16=config.bf16,
+    # DeepSpeed asserts LOCAL_RANK is set (engine.py _do_args_sanity_check): torchrun sets
+    # it, srun and a single process do not.
+    os.environ.setdefault("LOCAL_RANK", str(LaunchEnv.detect().local_rank))
+    deepspeed.init_distributed(
+        dist_backend=torch.distributed.get_backend(), dist_init_required=False, verbose=False
     )
+    return deepspeed
+
+
+def build_deepspeed_engine(
+    model: Denoiser, topo: Topology, optim: OptimConfig, run: DeepSpeedRun, *, train_steps: int
+) -> DeepSpeedEngine:
+    """Wrap one denoiser (the whole model: no pipeline) in DeepSpeed's engine with ZeRO
+    `run.zero.stage`, our AdamW parameter groups and megatron's LR/weight-decay scheduler."""
+    deepspeed = _start_deepspeed()
+    zero, ds_config = run.zero, run.config()
+    module = Float16Module(model.config, model) if model.config.bf16 else model
 
     def log(line: str) -> None:
         if topo.rank == 0:
@@ -448,9 +428,6 @@ def build_deepspeed_engine(
     optimizer = _adamw(_param_groups(module, optim), optim, zero, log)
     # saved in every checkpoint (deepspeed/runtime/engine.py reads this attribute)
     module.universal_checkpoint_info = universal_checkpoint_info(module)
-    # DeepSpeed asserts LOCAL_RANK is set (engine.py _do_args_sanity_check): torchrun sets
-    # it, srun and a single process do not.
-    os.environ.setdefault("LOCAL_RANK", str(topo.local_rank))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )

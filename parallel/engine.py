@@ -38,7 +38,7 @@ from parallel.optim import (
     weight_decay_start,
 )
 from parallel.topology import ConfigError, Topology
-from parallel.zero import ZeroConfig
+from parallel.zero import DeepSpeedRun
 
 
 class StepResult(NamedTuple):
@@ -329,31 +329,15 @@ def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
     return {key: {"wd_mult": 0.0}}
 
 
-def model_context(
-    engine: str,
-    zero: ZeroConfig,
-    topo: Topology,
-    *,
-    bf16: bool,
-    clip_grad: float,
-    micro_batch_size: int,
-    num_microbatches: int,
-):
+def model_context(deepspeed: DeepSpeedRun | None):
     """Where the denoiser is built. Under DeepSpeed ZeRO-3: inside `deepspeed.zero.Init`,
     so that every rank keeps only its partition of each weight from construction on (the
     whole model never exists on one device; with zero.offload_param, not on any GPU).
     Otherwise nothing special."""
-    if engine == "deepspeed" and zero.stage == 3:
+    if deepspeed is not None and deepspeed.zero.stage == 3:
         from parallel.deepspeed_engine import zero_init
 
-        return zero_init(
-            zero,
-            topo,
-            bf16=bf16,
-            clip_grad=clip_grad,
-            micro_batch_size=micro_batch_size,
-            num_microbatches=num_microbatches,
-        )
+        return zero_init(deepspeed)
     return contextlib.nullcontext()
 
 
@@ -364,25 +348,14 @@ def build_engine(
     *,
     train_steps: int,
     distributed: bool = True,
-    engine: str = "megatron",
-    zero: ZeroConfig | None = None,
-    micro_batch_size: int = 1,
-    num_microbatches: int = 1,
+    deepspeed: DeepSpeedRun | None = None,
 ) -> Engine:
-    """The training engine `engine` (parallel.engine) around one denoiser stage. The
-    DeepSpeed engine (parallel/deepspeed_engine.py) takes `zero` and the batch shape."""
-    if engine == "deepspeed":
+    """The training engine around one denoiser stage: DeepSpeed's with `deepspeed`
+    (parallel.engine=deepspeed: parallel/deepspeed_engine.py), else megatron's."""
+    if deepspeed is not None:
         from parallel.deepspeed_engine import build_deepspeed_engine
 
-        return build_deepspeed_engine(
-            model,
-            topo,
-            optim,
-            zero or ZeroConfig(),
-            train_steps=train_steps,
-            micro_batch_size=micro_batch_size,
-            num_microbatches=num_microbatches,
-        )
+        return build_deepspeed_engine(model, topo, optim, deepspeed, train_steps=train_steps)
     return build_megatron_engine(model, topo, optim, train_steps=train_steps, distributed=distributed)
 
 

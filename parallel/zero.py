@@ -1,5 +1,6 @@
-"""The DeepSpeed engine's settings (`zero:` section, presets in conf/zero/) and the one
-function that turns them, with the rest of the run's config, into DeepSpeed's JSON config.
+"""The DeepSpeed engine's settings (`zero:` section, presets in conf/zero/) and
+`DeepSpeedRun`, which holds them with the rest of what the engine takes from the run's
+config and turns them into DeepSpeed's JSON config (`config()`).
 
 Pure: no deepspeed import, so config validation stays fast. The generated config is the
 only place DeepSpeed's keys are spelled; `zero.extra` passes anything else through
@@ -85,18 +86,46 @@ def validate(zero: ZeroConfig, *, engine: str, pp: int, distributed_optimizer: b
         raise ConfigError(f"zero.extra sets {owned}: these come from train.* / optim.* (one source of truth)")
 
 
-def deepspeed_config(
-    zero: ZeroConfig,
-    *,
-    micro_batch_size: int,
-    num_microbatches: int,
-    dp: int,
-    clip_grad: float,
-    bf16: bool,
-) -> dict:
-    """DeepSpeed's config for this run. The optimizer is passed in built (torch AdamW or
-    DeepSpeedCPUAdam), and the LR/weight-decay schedule is megatron's scheduler, shared
-    with the megatron engine: so no `optimizer`/`scheduler` sections."""
+@dataclass(frozen=True)
+class DeepSpeedRun:
+    """What the DeepSpeed engine takes from the run's config besides the model and the
+    optimizer settings: made once (`deepspeed_run`), used to build the model (ZeRO-3's
+    zero.Init) and the engine, and turned into DeepSpeed's config by `config()`."""
+
+    zero: ZeroConfig
+    micro_batch_size: int
+    num_microbatches: int
+    dp: int
+    clip_grad: float
+    bf16: bool
+
+    def config(self) -> dict:
+        """DeepSpeed's config for this run. The optimizer is passed in built (torch AdamW
+        or DeepSpeedCPUAdam), and the LR/weight-decay schedule is megatron's scheduler,
+        shared with the megatron engine: so no `optimizer`/`scheduler` sections."""
+        config = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.num_microbatches,
+            "train_batch_size": self.micro_batch_size * self.num_microbatches * self.dp,
+            "gradient_clipping": self.clip_grad,
+            "bf16": {"enabled": self.bf16},
+            "zero_optimization": zero_section(self.zero),
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, passed in
+            "zero_force_ds_cpu_optimizer": False,  # ... also under offload (zero.optimizer decides)
+            "steps_per_print": 2**62,  # the trainer logs; DeepSpeed's own step log stays quiet
+            "wall_clock_breakdown": False,
+        }
+        return _merge(config, self.zero.extra)
+
+
+def deepspeed_run(engine: str, zero: ZeroConfig, **settings) -> DeepSpeedRun | None:
+    """The DeepSpeed engine's settings with parallel.engine=deepspeed, else None (the
+    megatron engine). `settings`: DeepSpeedRun's other fields."""
+    return DeepSpeedRun(zero, **settings) if engine == "deepspeed" else None
+
+
+def zero_section(zero: ZeroConfig) -> dict:
+    """DeepSpeed's `zero_optimization` section from the zero: settings."""
     section = {
         "stage": zero.stage,
         "overlap_comm": zero.overlap_comm,
@@ -117,19 +146,7 @@ def deepspeed_config(
             section[key] = {"device": device, "pin_memory": zero.pin_memory}
             if device == "nvme":
                 section[key]["nvme_path"] = zero.nvme_path
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": num_microbatches,
-        "train_batch_size": micro_batch_size * num_microbatches * dp,
-        "gradient_clipping": clip_grad,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": section,
-        "zero_allow_untested_optimizer": True,  # torch's AdamW, passed in
-        "zero_force_ds_cpu_optimizer": False,  # ... also under offload (zero.optimizer decides)
-        "steps_per_print": 2**62,  # the trainer logs; DeepSpeed's own step log stays quiet
-        "wall_clock_breakdown": False,
-    }
-    return _merge(config, zero.extra)
+    return section
 
 
 def _merge(base: dict, extra: dict) -> dict:

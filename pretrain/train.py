@@ -504,16 +504,16 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
     )
     bf16 = derived.precision == "bf16"
-    context = parallel.model_context(
+    deepspeed = parallel.deepspeed_run(
         cfg.parallel.engine,
         cfg.zero,
-        topo,
-        bf16=bf16,
-        clip_grad=cfg.optim.clip_grad,
         micro_batch_size=cfg.train.micro_batch_size,
         num_microbatches=derived.num_microbatches,
-    )
-    with context:  # DeepSpeed ZeRO-3: each rank builds only its partitions
+        dp=topo.dp,
+        clip_grad=cfg.optim.clip_grad,
+        bf16=bf16,
+    )  # None with parallel.engine=megatron
+    with parallel.model_context(deepspeed):  # DeepSpeed ZeRO-3: each rank builds only its partitions
         model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     engine = parallel.build_engine(
         model,
@@ -521,10 +521,7 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
         cfg.optim,
         train_steps=cfg.train.steps,
         distributed=cfg.parallel.distributed_optimizer,
-        engine=cfg.parallel.engine,
-        zero=cfg.zero,
-        micro_batch_size=cfg.train.micro_batch_size,
-        num_microbatches=derived.num_microbatches,
+        deepspeed=deepspeed,
     )
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
     run.stage_keys = stage_data_keys(cfg, topo)

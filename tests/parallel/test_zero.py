@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from parallel.topology import ConfigError
-from parallel.zero import ZeroConfig, check_checkpoint_engine, deepspeed_config
+from parallel.zero import DeepSpeedRun, ZeroConfig, check_checkpoint_engine, deepspeed_run
 from pretrain.config import load_config
 
 BATCH = dict(micro_batch_size=2, num_microbatches=3, dp=4, clip_grad=0.5, bf16=True)
+
+
+def deepspeed_config(zero: ZeroConfig, **batch) -> dict:
+    return DeepSpeedRun(zero, **batch).config()
 
 
 def _config(*overrides: str):
@@ -83,7 +87,10 @@ def test_an_unknown_engine_is_refused():
 
 
 def test_the_megatron_engine_ignores_the_zero_section():
-    assert load_config(["zero.stage=3", "parallel.pp=2"]).parallel.engine == "megatron"
+    cfg = load_config(["zero.stage=3", "parallel.pp=2"])
+    assert cfg.parallel.engine == "megatron"
+    assert deepspeed_run(cfg.parallel.engine, cfg.zero, **BATCH) is None
+    assert deepspeed_run("deepspeed", cfg.zero, **BATCH).zero.stage == 3
 
 
 def test_checkpoints_are_matched_to_the_engine_that_can_resume_them():
