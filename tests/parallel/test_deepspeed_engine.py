@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.dist import launch, read_metrics, spawn
-from tests.pretrain.test_train import CONFIG, STEPS, _assert_same_steps
+from tests.pretrain.test_train import CONFIG, STEPS, _assert_same_steps, _resume_copy
 
 pytestmark = pytest.mark.slow
 
@@ -86,18 +85,10 @@ def test_deepspeed_run_records_its_config_and_checkpoints(layout_runs):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
 
 
-def _copy_run(source: Path, step: int, dest: Path) -> Path:
-    """A run directory holding only `source`'s checkpoint of `step` (resumed from)."""
-    (dest / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source / "checkpoints" / f"step_{step}", dest / "checkpoints" / f"step_{step}")
-    (dest / "checkpoints" / "latest").write_text(f"step_{step}")
-    return dest
-
-
 def test_zero3_resume_from_its_checkpoint_is_exact(root, layout_runs):
     """3 + 3 steps == 6 steps: weights, ZeRO-partitioned Adam states, schedule, data, RNG."""
     source = layout_runs["zero3_dp2"]
-    resumed = _copy_run(source, 3, root / "zero3_resumed")
+    resumed = _resume_copy(source, 3, root / "zero3_resumed")
     launch(2, [*CONFIG, *DEEPSPEED, "zero=zero3", f"run.dir={resumed}"])
     rows = read_metrics(resumed)
     assert [r["step"] for r in rows] == [4, 5, 6]
@@ -116,7 +107,7 @@ def test_zero3_resume_from_its_checkpoint_is_exact(root, layout_runs):
 def test_resume_at_another_dp_size_through_the_universal_checkpoint(
     root, layout_runs, source, nproc, overrides
 ):
-    resumed = _copy_run(layout_runs[source], 3, root / f"{source}_universal")
+    resumed = _resume_copy(layout_runs[source], 3, root / f"{source}_universal")
     launch(nproc, [*CONFIG, *DEEPSPEED, *overrides, f"run.dir={resumed}"])
     expected = [r for r in read_metrics(layout_runs[source]) if r["step"] > 3]
     _assert_same_steps(read_metrics(resumed), expected, f"{source} resumed at dp=1")
@@ -126,7 +117,7 @@ def test_resume_at_another_dp_size_through_the_universal_checkpoint(
 
 
 def test_a_deepspeed_checkpoint_does_not_resume_under_the_megatron_engine(root, layout_runs):
-    resumed = _copy_run(layout_runs["zero2_dp2"], STEPS, root / "refused")
+    resumed = _resume_copy(layout_runs["zero2_dp2"], STEPS, root / "refused")
     proc = launch(1, [*CONFIG, f"run.dir={resumed}"], check=False)
     assert proc.returncode == 2
     assert "parallel.engine=deepspeed" in proc.stderr
@@ -183,7 +174,7 @@ def test_a_deepspeed_checkpoint_exports_to_hugging_face_with_the_live_models_log
     import torch
     from transformers import AutoModelForCausalLM
 
-    live_dir = _copy_run(layout_runs[source], STEPS, root / f"live_{source}")
+    live_dir = _resume_copy(layout_runs[source], STEPS, root / f"live_{source}")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     want = spawn(_live_logits, 2, str(live_dir), overrides, ids, timeout=600)[0]
     out = root / f"exported_{source}"
