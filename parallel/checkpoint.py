@@ -28,6 +28,11 @@ A save, and what a crash at each point leaves (see `stage_checkpoint`/`publish_c
 5. rank 0 deletes the superseded copies of the step (each renamed to `<name>.old.tmp`
    first, then deleted);               crash: an old copy, or a `.tmp` leftover.
 
+In the background (`save_checkpoint(..., in_background=...)`, checkpoint.async_save), step
+1's writing runs in a process forked once the step's tensors are captured, while training
+goes on; steps 2-5 run in `finish_checkpoints`, which every rank calls each step, once every
+rank's writer has finished. A crash before then leaves `latest` on the previous checkpoint.
+
 So at every point `latest` names a complete checkpoint, and every directory with a
 checkpoint name is complete. Leftovers (`*.tmp`, copies of a step other than the one
 `latest` names or, failing that, the newest) are ignored by readers, which follow
@@ -46,6 +51,7 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -208,12 +214,21 @@ def save_checkpoint(
     state: dict,
     config_yaml: str,
     include_optimizer: bool = True,
-) -> Path:
+    fully_parallel: bool = True,
+    in_background: Callable[[Path], None] | None = None,
+) -> Path | None:
     """Collective: every rank calls it with `path` = .../step_<N>. Returns the checkpoint
     once it is complete and `latest` names it: `path`, or `step_<N>_<k>` when a copy of
     step N exists (see the naming rule above). The format is the engine's: megatron's
     dist checkpoint, or DeepSpeed's (state.json says which, under "format"); without the
-    optimizer (a seed checkpoint) it is always the dist checkpoint."""
+    optimizer (a seed checkpoint) it is always the dist checkpoint.
+
+    `fully_parallel`: the data-parallel replicas share the writing (megatron's fully
+    parallel save strategy) instead of the first replica writing everything.
+    `in_background` (dist format only): return None once this step's state is captured;
+    the files are written by a background process while training goes on, and
+    `finish_checkpoints` publishes the checkpoint once every rank's write is complete,
+    then calls `in_background(checkpoint)` on every rank."""
     meta = {**state, "has_optimizer": include_optimizer, "world_size": engine.topo.world_size}
     if include_optimizer:
         meta |= engine.checkpoint_layout()
@@ -223,12 +238,15 @@ def save_checkpoint(
     else:
         meta["format"] = TORCH_DIST  # weights only: reshardable, read by either engine
     with engine.whole_weights():  # ZeRO-3: gathered while megatron saves them
-        sharded = {"model": engine.module.sharded_state_dict()}
+        sharded = {"model": engine.sharded_state_dict()}
         if include_optimizer:
             sharded["optimizer"] = engine.optimizer.sharded_state_dict(
                 sharded["model"], metadata=SHARDING_METADATA
             )
-        return _save(Path(path), functools.partial(_save_dist, sharded), meta, config_yaml)
+        if in_background is not None:
+            return _save_in_background(Path(path), sharded, meta, config_yaml, fully_parallel, in_background)
+        write = functools.partial(_save_dist, sharded, fully_parallel=fully_parallel)
+        return _save(Path(path), write, meta, config_yaml)
 
 
 def save_model_checkpoint(path: Path, model, *, state: dict, config_yaml: str, world_size: int) -> Path:
@@ -257,26 +275,96 @@ def save_weights_copy(directory: Path, model, *, state: dict, config_yaml: str) 
     return directory
 
 
-def _save_dist(sharded: dict, staging: Path) -> None:
-    dist_checkpointing.save(sharded, str(staging))
+def _save_dist(sharded: dict, staging: Path, *, fully_parallel: bool = False, in_background: bool = False):
+    """megatron's dist checkpoint of `sharded` into `staging`; in the background: the
+    AsyncRequest that writes the files (this step's tensors already captured)."""
+    return dist_checkpointing.save(
+        sharded,
+        str(staging),
+        sharded_strategy=_save_strategy(fully_parallel),
+        async_sharded_save=in_background,
+    )
+
+
+def _save_strategy(fully_parallel: bool):
+    """megatron's torch_dist writer; fully parallel: wrapped so that the data-parallel
+    replicas of each tensor share the writing (Megatron-LM's --ckpt-fully-parallel-save)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy(TORCH_DIST)
+    if not fully_parallel or parallel_state.get_data_parallel_world_size() == 1:
+        return strategy
+    return FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
 
 
 def _save(path: Path, write, meta: dict, config_yaml: str) -> Path:
     """Every rank writes its part of the checkpoint of step N (`path`: .../step_<N>) to
     the staging directory (`write(staging)`); rank 0 publishes it. Returns the published
     checkpoint."""
+    staging = _begin_save(path)
+    write(staging)
+    _save_rng(staging)
+    return _end_save(staging, path, meta, config_yaml)
+
+
+def _begin_save(path: Path) -> Path:
+    """Collective: rank 0 deletes leftovers and creates the staging directory of `path`."""
     staging = _staging_dir(path)
     if _rank() == 0:
         stage_checkpoint(path)
     torch.distributed.barrier()
-    write(staging)
+    return staging
+
+
+def _save_rng(staging: Path) -> None:
     (staging / "rng").mkdir(exist_ok=True)
     save_file(_rng_state(), str(staging / "rng" / f"rank_{_rank()}.safetensors"))
+
+
+def _end_save(staging: Path, path: Path, meta: dict, config_yaml: str) -> Path:
+    """Collective, once every rank has written its part: rank 0 publishes the checkpoint."""
     torch.distributed.barrier()
     if _rank() == 0:
         publish_checkpoint(staging, path, meta=meta, config_yaml=config_yaml)
     torch.distributed.barrier()
     return latest_checkpoint(path.parent)
+
+
+# -- saves in the background ------------------------------------------------------------------
+_BACKGROUND = None  # megatron's AsyncCallsQueue: the checkpoint being written, if any
+
+
+def _save_in_background(
+    path: Path, sharded: dict, meta: dict, config_yaml: str, fully_parallel: bool, done: Callable
+) -> None:
+    """Step 1 of the save (module docstring) in a background process forked once this
+    step's tensors are captured (copied to host memory on GPUs); steps 2-5 run when every
+    rank's write is complete (`finish_checkpoints`), so a crash before that leaves only a
+    `.tmp` leftover and `latest` on the previous checkpoint. One save is in flight at a
+    time: a previous one is finished first (the next save deletes leftovers)."""
+    global _BACKGROUND
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    finish_checkpoints(blocking=True)
+    staging = _begin_save(path)
+    request = _save_dist(sharded, staging, fully_parallel=fully_parallel, in_background=True)
+    _save_rng(staging)
+    request.add_finalize_fn(lambda: done(_end_save(staging, path, meta, config_yaml)))
+    _BACKGROUND = _BACKGROUND or AsyncCallsQueue()
+    _BACKGROUND.schedule_async_request(request)
+
+
+def finish_checkpoints(*, blocking: bool) -> int:
+    """Collective (every rank, at the same points, e.g. every step): publish a checkpoint
+    written in the background if every rank's write is complete (`blocking`: wait for
+    it). Returns how many saves are still in flight. A rank's failed write raises here
+    on every rank."""
+    if _BACKGROUND is None:
+        return 0
+    _BACKGROUND.maybe_finalize_async_calls(blocking=blocking)
+    return _BACKGROUND.get_num_unfinalized_calls()
 
 
 def _staging_dir(path: Path) -> Path:
@@ -429,13 +517,13 @@ def load_checkpoint(path: Path, engine: Engine, *, load_optimizer: bool = True) 
 
 def _load_dist(path: Path, engine: Engine, load_optimizer: bool) -> None:
     """A megatron dist checkpoint into the megatron engine."""
-    sharded = {"model": engine.module.sharded_state_dict()}
+    sharded = {"model": engine.sharded_state_dict()}
     if load_optimizer:
         sharded["optimizer"] = engine.optimizer.sharded_state_dict(
             sharded["model"], is_loading=True, metadata=SHARDING_METADATA
         )
     loaded = dist_checkpointing.load(sharded, str(path))
-    engine.module.load_state_dict(loaded["model"])
+    engine.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
     else:

@@ -168,3 +168,16 @@ def apply_deepspeed() -> bool:
     # reach the module through sys.modules.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Pipeline messages (parallel/model.py pipeline_settings).
+# ---------------------------------------------------------------------------------------
+def overlaps_pipeline_messages() -> bool:
+    """Whether the interleaved schedule may overlap its pipeline sends with compute
+    (overlap_p2p_comm, Megatron-LM's default). Not on gloo: with deallocate_pipeline_outputs
+    megatron frees a stage's output (pipeline_parallel/schedules.py deallocate_output_tensor,
+    `out.data = torch.empty((1,))`) while gloo's asynchronous send still reads it -- measured:
+    a different wrong loss every run. NCCL keeps the storage alive until the send completes
+    (record_stream)."""
+    return not needed()

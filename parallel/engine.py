@@ -13,6 +13,7 @@ sampler on the live model).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from parallel.optim import (
     scheduler_arguments,
     weight_decay_start,
 )
-from parallel.topology import ConfigError, Topology
+from parallel.topology import ConfigError, ParallelConfig, Topology, resolve_parallel
 from parallel.zero import DeepSpeedRun
 
 
@@ -49,10 +50,10 @@ class StepResult(NamedTuple):
 
 
 class Engine:
-    def __init__(
-        self, model: DistributedDataParallel, optimizer, scheduler, topo: Topology, optim: OptimConfig
-    ):
-        self.model = model
+    def __init__(self, model, optimizer, scheduler, topo: Topology, optim: OptimConfig):
+        """`model`: the wrapped denoiser stage, or (parallel.vpp) the list of its model chunks."""
+        self.chunks = list(model) if isinstance(model, list) else [model]
+        self.model = self.chunks[0]
         self.optimizer = optimizer
         self.scheduler = scheduler  # megatron's OptimizerParamScheduler: LR and weight decay per group
         self.topo = topo
@@ -61,9 +62,33 @@ class Engine:
 
     @property
     def module(self) -> Denoiser:
-        """The bare denoiser stage (under DDP and, with bf16, Float16Module)."""
-        module = self.model.module
-        return module.module if isinstance(module, Float16Module) else module
+        """The bare denoiser stage (its first model chunk under parallel.vpp)."""
+        return self.modules[0]
+
+    @property
+    def modules(self) -> list[Denoiser]:
+        """The bare model chunks (under DDP and, with bf16, Float16Module)."""
+        unwrapped = [chunk.module for chunk in self.chunks]
+        return [m.module if isinstance(m, Float16Module) else m for m in unwrapped]
+
+    def sharded_state_dict(self) -> dict:
+        """The weights as megatron's dist checkpoint describes them. Their keys are global
+        (layer numbers over the whole model), so a checkpoint loads under any layout."""
+        if len(self.chunks) == 1:
+            return self.module.sharded_state_dict()
+        return {f"chunk{i}": module.sharded_state_dict() for i, module in enumerate(self.modules)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Weights loaded from a dist checkpoint (the structure of `sharded_state_dict`)."""
+        if len(self.chunks) == 1:
+            self.module.load_state_dict(state)
+            return
+        for i, module in enumerate(self.modules):
+            module.load_state_dict(state[f"chunk{i}"])
+
+    def named_parameters(self):
+        for chunk in self.chunks:
+            yield from chunk.named_parameters()
 
     @property
     def config(self):
@@ -85,23 +110,27 @@ class Engine:
         `forward_step(batch, model) -> (output, loss_fn)` follows megatron's contract;
         `loss_fn(output) -> (loss_sum, num_tokens, report)`. Returns the reports of
         this rank's microbatches (empty except on the last pipeline stage)."""
-        iterator = iter(microbatches)
+        # one iterator per model chunk: each chunk's stage reads the same microbatches
+        iterators = itertools.tee(iter(microbatches), len(self.chunks))
 
         def megatron_forward_step(data_iterator, model):
             return forward_step(next(data_iterator), model)
 
         if not forward_only:
-            self.model.zero_grad_buffer()
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
-        return self._forward_backward(
-            forward_step_func=megatron_forward_step,
-            data_iterator=iterator,
-            model=[self.model],
-            num_microbatches=num_microbatches,
-            seq_length=seq_len,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+        # forward only (evaluation, sampling): current weights, no overlapped gathers
+        with self.whole_weights() if forward_only else contextlib.nullcontext():
+            return self._forward_backward(
+                forward_step_func=megatron_forward_step,
+                data_iterator=iterators[0] if len(iterators) == 1 else list(iterators),
+                model=self.chunks,
+                num_microbatches=num_microbatches,
+                seq_length=seq_len,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
 
     def optimizer_step(self, step: int) -> StepResult:
         """Update number `step` (1-based): the scheduler sets every group's LR and weight
@@ -137,7 +166,7 @@ class Engine:
     def describe_param_groups(self) -> str:
         """Parameters per weight-decay group, over the whole model (all stages and shards)."""
         counts = torch.zeros(4, dtype=torch.float64, device=self.topo.device)  # decay/no: tensors, params
-        for name, param in self.model.named_parameters():
+        for name, param in self.named_parameters():
             if getattr(param, "shared", False) or not _counted_here(param, self.topo):
                 continue
             column = 2 if excluded_from_decay(self.optim.no_decay, name, param_ndim(param)) else 0
@@ -151,20 +180,31 @@ class Engine:
         )
 
     def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
+        for chunk in self.chunks:
+            chunk.train(mode)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank holds of the weights (its shards) and of the optimizer (fp32
         master weights and Adam moments of its partition), measured from the tensors."""
         return {
-            "weights": sum(_local_tensor(p).numel() * p.element_size() for p in self.model.parameters()),
+            "weights": sum(_local_tensor(p).numel() * p.element_size() for _, p in self.named_parameters()),
             "optimizer": optimizer_bytes(self.optimizer.optimizer),
         }
 
+    @contextlib.contextmanager
     def whole_weights(self):
-        """A context in which `module`'s parameters are whole on every rank (the
-        megatron engine's always are)."""
-        return contextlib.nullcontext()
+        """A context in which `module`'s parameters are whole and current on every rank.
+        With parallel.overlap_param_gather the updated weights arrive bucket by bucket
+        during the next forward: they are all-gathered now (forward pre-hooks off while
+        inside, as Megatron-LM does around evaluation and checkpoint saves)."""
+        hooked = [chunk for chunk in self.chunks if chunk.use_forward_hook]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
 
     def checkpoint_layout(self) -> dict:
         """What state.json records of the format and layout this engine's checkpoints have."""
@@ -233,8 +273,15 @@ class Engine:
                 {"logits": tensor_parallel.gather_from_tensor_model_parallel_region(out)},
             )
 
+        # the interleaved schedule runs at least a group of microbatches: copies of `tokens`
+        copies = self.config.microbatch_group_size_per_vp_stage if self.topo.vpp > 1 else 1
         reports = self.forward_backward(
-            step, [tokens], num_microbatches=1, seq_len=length, micro_batch_size=batch, forward_only=True
+            step,
+            [tokens] * copies,
+            num_microbatches=copies,
+            seq_len=length,
+            micro_batch_size=batch,
+            forward_only=True,
         )
         padded = self.module.vocab_size
         logits = reports[0]["logits"].transpose(0, 1).float().contiguous() if reports else None
@@ -298,14 +345,15 @@ def _schedule_extras(scheduler) -> dict:
     }
 
 
-def check_no_decay(model: torch.nn.Module, patterns: list[str]) -> None:
+def check_no_decay(model: torch.nn.Module | list[torch.nn.Module], patterns: list[str]) -> None:
     """Collective: a pattern of optim.no_decay that matches no parameter on any rank is an
     error naming the key."""
-    names = [(local_name(n), param_ndim(p)) for n, p in model.named_parameters()]
+    modules = model if isinstance(model, list) else [model]
+    names = [(local_name(n), param_ndim(p)) for m in modules for n, p in m.named_parameters()]
     unmatched = torch.tensor(
         [not any(excluded_from_decay([pattern], n, dim) for n, dim in names) for pattern in patterns],
         dtype=torch.int32,
-        device=next(model.parameters()).device,
+        device=next(modules[0].parameters()).device,
     )
     torch.distributed.all_reduce(unmatched, op=torch.distributed.ReduceOp.MIN)
     if unmatched.any():
@@ -314,7 +362,7 @@ def check_no_decay(model: torch.nn.Module, patterns: list[str]) -> None:
         raise ConfigError(f"optim.no_decay: {missing} match no parameter (names look like: {example}, ...)")
 
 
-def no_decay_overrides(model: torch.nn.Module, patterns: list[str]) -> dict:
+def no_decay_overrides(model: torch.nn.Module | list[torch.nn.Module], patterns: list[str]) -> dict:
     """megatron-core parameter-group overrides: wd_mult 0 for the parameters optim.no_decay
     names (replaces megatron's standard rule, which the default patterns reproduce)."""
     if not patterns:
@@ -342,41 +390,83 @@ def model_context(deepspeed: DeepSpeedRun | None):
 
 
 def build_engine(
-    model: Denoiser,
+    model: Denoiser | list[Denoiser],
     topo: Topology,
     optim: OptimConfig,
     *,
     train_steps: int,
-    distributed: bool = True,
+    parallel: ParallelConfig | None = None,
     deepspeed: DeepSpeedRun | None = None,
 ) -> Engine:
     """The training engine around one denoiser stage: DeepSpeed's with `deepspeed`
-    (parallel.engine=deepspeed: parallel/deepspeed_engine.py), else megatron's."""
+    (parallel.engine=deepspeed: parallel/deepspeed_engine.py), else megatron's, with the
+    communication settings of `parallel` (resolved; None: the defaults)."""
     if deepspeed is not None:
         from parallel.deepspeed_engine import build_deepspeed_engine
 
         return build_deepspeed_engine(model, topo, optim, deepspeed, train_steps=train_steps)
-    return build_megatron_engine(model, topo, optim, train_steps=train_steps, distributed=distributed)
+    parallel = parallel or resolve_parallel(ParallelConfig(tp=topo.tp, pp=topo.pp))
+    return build_megatron_engine(model, topo, optim, parallel, train_steps=train_steps)
+
+
+def ddp_config(parallel: ParallelConfig) -> DistributedDataParallelConfig:
+    """megatron DDP: fp32 gradient buffers, reduced bucket by bucket during backward and
+    (distributed optimizer) the updated weights all-gathered during the next forward, as
+    parallel.overlap_* set."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        align_param_gather=parallel.align_param_gather,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=parallel.bucket_size,
+    )
+
+
+def sync_functions(config, chunks: list[DistributedDataParallel], parallel: ParallelConfig) -> None:
+    """The hooks megatron's pipeline schedules call (on the first chunk's config, which the
+    schedules read), set as Megatron-LM's training loop sets them: no_sync around all but
+    the last microbatch; with overlapped reduction, grad_sync launches each stage's
+    remaining reductions when its last backward ends; with aligned parameter gathers,
+    param_sync launches them together. One function, or one per model chunk."""
+
+    def per_chunk(name: str):
+        functions = [getattr(chunk, name) for chunk in chunks]
+        return functions[0] if len(functions) == 1 else functions
+
+    config.no_sync_func = per_chunk("no_sync")
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_sync_func = per_chunk("start_grad_sync") if parallel.overlap_grad_reduce else None
+    aligned = parallel.overlap_param_gather and parallel.align_param_gather
+    config.param_sync_func = per_chunk("start_param_sync") if aligned else None
 
 
 def build_megatron_engine(
-    model: Denoiser, topo: Topology, optim: OptimConfig, *, train_steps: int, distributed: bool = True
+    model: Denoiser | list[Denoiser],
+    topo: Topology,
+    optim: OptimConfig,
+    parallel: ParallelConfig,
+    *,
+    train_steps: int,
 ) -> Engine:
-    """Wrap one denoiser stage for training: (Float16Module,) DDP, megatron's optimizer
-    (DistributedOptimizer: ZeRO-1 when `distributed`) with optim.no_decay's parameter
-    groups, and megatron's OptimizerParamScheduler for LR and weight decay."""
-    config = model.config
-    module = Float16Module(config, model) if config.bf16 else model
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed,
-        check_for_nan_in_grad=True,
-        bucket_size=None,
-    )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    """Wrap the denoiser stage (or its model chunks) for training: (Float16Module,) DDP,
+    megatron's optimizer (DistributedOptimizer: ZeRO-1 with parallel.distributed_optimizer)
+    with optim.no_decay's parameter groups, and megatron's OptimizerParamScheduler for LR
+    and weight decay."""
+    modules = model if isinstance(model, list) else [model]
+    config = modules[0].config
+    chunks = [
+        DistributedDataParallel(
+            config=module.config,
+            ddp_config=ddp_config(parallel),
+            module=Float16Module(module.config, module) if config.bf16 else module,
+            # later chunks' reductions overlap the other chunks' compute anyway (Megatron-LM)
+            disable_bucketing=index > 0,
+        )
+        for index, module in enumerate(modules)
+    ]
+    sync_functions(config, chunks, parallel)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",  # torch AdamW without Apex/TE, fused Adam(W) with them
@@ -389,10 +479,10 @@ def build_megatron_engine(
             clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=distributed,
+            use_distributed_optimizer=parallel.distributed_optimizer,
         ),
-        [ddp],
-        config_overrides=no_decay_overrides(ddp, optim.no_decay),
+        chunks,
+        config_overrides=no_decay_overrides(chunks, optim.no_decay),
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -400,4 +490,4 @@ def build_megatron_engine(
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,  # resume follows the config (restore_schedule)
     )
-    return Engine(ddp, optimizer, scheduler, topo, optim)
+    return Engine(chunks if len(chunks) > 1 else chunks[0], optimizer, scheduler, topo, optim)

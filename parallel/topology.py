@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,6 +36,190 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     return -(-vocab_size // divisible_by) * divisible_by
 
 
+def stage_layer_counts(
+    num_layers: int,
+    pp: int,
+    vpp: int = 1,
+    *,
+    first: int | None = None,
+    last: int | None = None,
+    embedding_as_layer: bool = False,
+    loss_as_layer: bool = False,
+) -> list[list[int]]:
+    """Transformer layers of each model chunk: [pipeline rank][virtual stage], as
+    megatron-core splits them (transformer_block.get_num_layers_to_build and the checks of
+    TransformerConfig.__post_init__), checked here without megatron, naming our keys.
+    `first`/`last`: layers of the first/last pipeline stage (uneven split; the others share
+    the rest evenly); `embedding_as_layer`/`loss_as_layer`: the input embedding / the
+    output layer and loss count as one layer of the first / last stage's share."""
+    if vpp > 1 and pp == 1:
+        raise ConfigError(f"parallel.vpp={vpp} interleaves pipeline stages: it needs parallel.pp > 1")
+    if (first is not None or last is not None) and (embedding_as_layer or loss_as_layer):
+        raise ConfigError(
+            "parallel.first_stage_layers / last_stage_layers and parallel.embedding_as_layer / "
+            "loss_as_layer are two ways to balance the pipeline: use one"
+        )
+    per_rank = _layers_per_pipeline_rank(num_layers, pp, first, last, embedding_as_layer + loss_as_layer)
+    for rank, layers in enumerate(per_rank):
+        if layers % vpp:
+            raise ConfigError(
+                f"pipeline stage {rank} has {layers} layers (model.num_layers={num_layers}, parallel.pp={pp}"
+                f"{_uneven_note(first, last, embedding_as_layer, loss_as_layer)}): parallel.vpp={vpp} "
+                "must divide it"
+            )
+    counts = [[layers // vpp] * vpp for layers in per_rank]
+    counts[0][0] -= embedding_as_layer
+    counts[-1][-1] -= loss_as_layer
+    if min(min(chunk) for chunk in counts) < 0:
+        raise ConfigError(
+            "parallel.embedding_as_layer/loss_as_layer: a model chunk would have no layer to give"
+        )
+    return counts
+
+
+def _layers_per_pipeline_rank(num_layers: int, pp: int, first: int | None, last: int | None, extra: int):
+    """Layers (counting the embedding/loss when they count as layers) per pipeline rank."""
+    ends = {0: first, pp - 1: last} if pp > 1 else {}
+    for key, value in (("parallel.first_stage_layers", first), ("parallel.last_stage_layers", last)):
+        if value is not None and (value < 1 or pp == 1):
+            raise ConfigError(f"{key}={value} needs parallel.pp > 1 and a value >= 1")
+    fixed = {rank: layers for rank, layers in ends.items() if layers is not None}
+    middle_ranks = pp - len(fixed)
+    middle_layers = num_layers + extra - sum(fixed.values())
+    if (
+        middle_layers < 0
+        or bool(middle_layers) != bool(middle_ranks)
+        or (middle_ranks and middle_layers % middle_ranks)
+    ):
+        raise ConfigError(
+            f"model.num_layers={num_layers}{' (+ embedding/loss)' if extra else ''} cannot be split evenly "
+            f"over parallel.pp={pp} stages{_uneven_note(first, last, False, False)}"
+        )
+    share = middle_layers // middle_ranks if middle_ranks else 0
+    return [fixed.get(rank, share) for rank in range(pp)]
+
+
+def _uneven_note(first, last, embedding_as_layer, loss_as_layer) -> str:
+    parts = [f"first_stage_layers={first}"] * (first is not None) + [f"last_stage_layers={last}"] * (
+        last is not None
+    )
+    parts += ["embedding_as_layer"] * embedding_as_layer + ["loss_as_layer"] * loss_as_layer
+    return f", parallel.{', '.join(parts)}" if parts else ""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size: ranks each layer is split over
+    pp: int = 1  # pipeline-parallel size: stages the layers are split into
+    dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * pp)
+    distributed_optimizer: bool = True  # megatron engine: ZeRO-1, Adam states sharded over dp ranks
+    # the training engine: megatron (TP/PP/DP, distributed optimizer) | deepspeed (ZeRO
+    # stage 1/2/3 and CPU/NVMe offload from the zero: section, TP; no PP)
+    engine: str = "megatron"
+    # megatron engine: norms and the residual stream sharded along the sequence over the
+    # tensor-parallel ranks (activation memory / tp); None: on when tp > 1
+    sequence_parallel: bool | None = None
+    # megatron engine: reduce each gradient bucket while backward goes on (Megatron-LM's
+    # recommended --overlap-grad-reduce)
+    overlap_grad_reduce: bool = True
+    # megatron engine, distributed optimizer: all-gather the updated weights bucket by bucket
+    # during the next forward (--overlap-param-gather)
+    overlap_param_gather: bool = True
+    # all pipeline stages launch their parameter all-gathers together (--align-param-gather)
+    align_param_gather: bool = False
+    # parameters per gradient-reduction bucket; None: megatron's max(40M, 1M x dp)
+    bucket_size: int | None = None
+    # model chunks per pipeline stage, run by megatron's interleaved schedule (pipeline
+    # bubble / vpp); the layers of each stage must split evenly into them
+    vpp: int = 1
+    # interleaved schedule: microbatches run in a row on one model chunk (megatron's
+    # --microbatch-group-size-per-vp-stage); None: parallel.pp
+    microbatch_group_size: int | None = None
+    # uneven pipeline: transformer layers of the first / last stage (the other stages share
+    # the rest evenly), e.g. fewer where the embedding or the output layer and loss run
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    # the input embedding / the output layer and loss count as one layer of the first / last
+    # stage's share (megatron's account_for_embedding/loss_in_pipeline_split)
+    embedding_as_layer: bool = False
+    loss_as_layer: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """How the layers are split over pipeline stages and model chunks (see
+    `stage_layer_counts`), and how the interleaved schedule groups microbatches."""
+
+    vpp: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    embedding_as_layer: bool = False
+    loss_as_layer: bool = False
+    microbatch_group_size: int | None = None
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> PipelineLayout:
+        return cls(
+            parallel.vpp,
+            parallel.first_stage_layers,
+            parallel.last_stage_layers,
+            parallel.embedding_as_layer,
+            parallel.loss_as_layer,
+            parallel.microbatch_group_size,
+        )
+
+    def layer_counts(self, num_layers: int, pp: int) -> list[list[int]]:
+        return stage_layer_counts(
+            num_layers,
+            pp,
+            self.vpp,
+            first=self.first_stage_layers,
+            last=self.last_stage_layers,
+            embedding_as_layer=self.embedding_as_layer,
+            loss_as_layer=self.loss_as_layer,
+        )
+
+
+def check_interleaving(pp: int, vpp: int, group_size: int | None, num_microbatches: int) -> None:
+    """megatron's interleaved schedule runs groups of N microbatches (N = group_size, by
+    default pp) on each model chunk: pp <= N <= M, and the last group is full or at least
+    pp long (pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving)."""
+    if vpp == 1:
+        return
+    group = group_size or pp
+    where = f"parallel.vpp={vpp} at parallel.pp={pp} runs groups of {group} microbatches"
+    if not pp <= group <= num_microbatches:
+        raise ConfigError(
+            f"{where} (parallel.microbatch_group_size, default parallel.pp): it needs pp <= group <= "
+            f"microbatches per step ({num_microbatches} = train.global_batch_size / "
+            "(train.micro_batch_size x dp)); raise the global batch or lower train.micro_batch_size"
+        )
+    if 0 < num_microbatches % group < pp:
+        raise ConfigError(
+            f"{where}: the last of the {num_microbatches} microbatches per step form a group of "
+            f"{num_microbatches % group} < pp; make the microbatches per step a multiple of {group}"
+        )
+
+
+def resolve_parallel(parallel: ParallelConfig) -> ParallelConfig:
+    """The parallel section with every None decided and every setting the layout makes
+    moot switched off, as the run uses it (logged with the derived values)."""
+    megatron = parallel.engine == "megatron"
+    if parallel.sequence_parallel and not megatron:
+        raise ConfigError(
+            "parallel.sequence_parallel=true is a megatron-engine setting (its gradient reduction "
+            "all-reduces the sequence-parallel norms); with parallel.engine=deepspeed leave it unset"
+        )
+    sequence_parallel = parallel.tp > 1 and megatron and parallel.sequence_parallel is not False
+    if parallel.bucket_size is not None and parallel.bucket_size < 1:
+        raise ConfigError(f"parallel.bucket_size={parallel.bucket_size} must be >= 1 (or null)")
+    return replace(
+        parallel,
+        sequence_parallel=sequence_parallel,
+        overlap_param_gather=parallel.overlap_param_gather and parallel.distributed_optimizer,
+    )
+
+
 @dataclass(frozen=True)
 class Topology:
     """tp x pp x dp processes, ordered as megatron-core's default 'tp-cp-ep-dp-pp'."""
@@ -46,6 +230,8 @@ class Topology:
     dp: int = 1
     rank: int = 0
     local_rank: int = 0
+    sequence_parallel: bool = False  # activations sharded along the sequence over tp ranks
+    pipeline: PipelineLayout = PipelineLayout()  # layers per stage and model chunk
 
     @classmethod
     def build(
@@ -62,8 +248,10 @@ class Topology:
         num_query_groups: int,
         ffn_hidden_size: int,
         padded_vocab: int,
+        sequence_parallel: bool = False,
+        pipeline: PipelineLayout = PipelineLayout(),
     ) -> Topology:
-        for key, value in (("parallel.tp", tp), ("parallel.pp", pp)):
+        for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.vpp", pipeline.vpp)):
             if value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1")
         if world_size % (tp * pp):
@@ -82,12 +270,12 @@ class Topology:
             ("model.num_query_groups", num_query_groups, "parallel.tp", tp),
             ("model.ffn_hidden_size", ffn_hidden_size, "parallel.tp", tp),
             ("padded vocabulary (model.make_vocab_size_divisible_by)", padded_vocab, "parallel.tp", tp),
-            ("model.num_layers", num_layers, "parallel.pp", pp),
         )
         for what, value, by_key, by in checks:
             if value % by:
                 raise ConfigError(f"{by_key}={by} does not divide {what}={value}")
-        return cls(world_size, tp, pp, derived_dp, rank, local_rank)
+        pipeline.layer_counts(num_layers, pp)  # the layers split over stages and chunks
+        return cls(world_size, tp, pp, derived_dp, rank, local_rank, sequence_parallel and tp > 1, pipeline)
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +307,13 @@ class Topology:
         return "nccl" if torch.cuda.is_available() else "gloo"
 
     def describe(self) -> str:
-        return f"world={self.world_size} tp={self.tp} pp={self.pp} dp={self.dp} ({self.backend})"
+        sp = " sp" if self.sequence_parallel else ""
+        vpp = f" vpp={self.pipeline.vpp}" if self.pipeline.vpp > 1 else ""
+        return f"world={self.world_size} tp={self.tp}{sp} pp={self.pp}{vpp} dp={self.dp} ({self.backend})"
+
+    @property
+    def vpp(self) -> int:
+        return self.pipeline.vpp
 
 
 @dataclass(frozen=True)
@@ -188,7 +382,15 @@ def select_device(local_rank: int) -> None:
 
 
 def init_distributed(
-    *, tp: int, pp: int, dp: int | None, seed: int, model_dims: dict, timeout_minutes: int = 30
+    *,
+    tp: int,
+    pp: int,
+    dp: int | None,
+    seed: int,
+    model_dims: dict,
+    sequence_parallel: bool = False,
+    pipeline: PipelineLayout = PipelineLayout(),
+    timeout_minutes: int = 30,
 ) -> Topology:
     """Start torch.distributed (NCCL with CUDA, gloo without) and megatron-core's
     parallel_state, seeding its tensor-parallel RNG streams. `model_dims` holds the
@@ -203,6 +405,8 @@ def init_distributed(
         dp=dp,
         rank=launch.rank,
         local_rank=launch.local_rank,
+        sequence_parallel=sequence_parallel,
+        pipeline=pipeline,
         **model_dims,
     )
     from parallel import cpu
@@ -223,6 +427,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=pipeline.vpp if pipeline.vpp > 1 else None,
         distributed_timeout_minutes=timeout_minutes,
     )
     # As Megatron-LM's _set_random_seed: every pipeline stage gets its own seed (else the

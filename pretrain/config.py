@@ -22,7 +22,13 @@ from data.sources import ON_ERROR
 from parallel.dims import ModelDims, count_parameters
 from parallel.optim import OptimConfig
 from parallel.optim import validate as validate_optim
-from parallel.topology import ConfigError, padded_vocab_size
+from parallel.topology import (
+    ConfigError,
+    ParallelConfig,
+    check_interleaving,
+    padded_vocab_size,
+    resolve_parallel,
+)
 from parallel.zero import ZeroConfig
 from parallel.zero import validate as validate_zero
 from pretrain.curriculum import CurriculumConfig
@@ -81,17 +87,6 @@ class DataConfig:
     # megatron: where megatron-core caches its sample index (a file system every node sees);
     # None: <run.dir>/megatron_index
     cache_dir: str | None = None
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1  # tensor-parallel size: ranks each layer is split over
-    pp: int = 1  # pipeline-parallel size: stages the layers are split into
-    dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * pp)
-    distributed_optimizer: bool = True  # megatron engine: ZeRO-1, Adam states sharded over dp ranks
-    # the training engine: megatron (TP/PP/DP, distributed optimizer) | deepspeed (ZeRO
-    # stage 1/2/3 and CPU/NVMe offload from the zero: section, TP; no PP)
-    engine: str = "megatron"
 
 
 @dataclass
@@ -184,6 +179,12 @@ class CheckpointConfig:
     keep: int = 3  # newest complete checkpoints kept; 0 keeps all
     init_from: str | None = None  # start from the weights of this checkpoint when run.dir has none
     resume: bool = True  # continue from run.dir's latest checkpoint; false: ignore it
+    # megatron engine: write checkpoints in a background process while training goes on
+    # (`latest` moves once every rank's write is complete; Megatron-LM's --async-save)
+    async_save: bool = False
+    # the data-parallel replicas share the writing of each checkpoint (megatron engine;
+    # Megatron-LM's --ckpt-fully-parallel-save)
+    fully_parallel_save: bool = True
 
 
 @dataclass
@@ -456,6 +457,37 @@ def validate(cfg: Config) -> None:
     validate_optim(cfg.optim)
     p = cfg.parallel
     validate_zero(cfg.zero, engine=p.engine, pp=p.pp, distributed_optimizer=p.distributed_optimizer)
+    check_sequence_lengths(cfg, resolve_parallel(p))
+    if cfg.checkpoint.async_save and p.engine != "megatron":
+        raise ConfigError(
+            "checkpoint.async_save=true writes megatron dist checkpoints in the background: it needs "
+            f"parallel.engine=megatron, not {p.engine}"
+        )
+
+
+def check_sequence_lengths(cfg: Config, parallel: ParallelConfig) -> None:
+    """Under sequence parallelism every sequence the model sees is split evenly over the
+    tensor-parallel ranks: the training length, the curriculum's random lengths and the
+    eval samples' length must be multiples of parallel.tp."""
+    c, ev = cfg.curriculum, cfg.eval
+    if c.uses_random_lengths and c.length_multiple > cfg.data.seq_len:
+        raise ConfigError(
+            f"curriculum.length_multiple={c.length_multiple} exceeds data.seq_len={cfg.data.seq_len}"
+        )
+    if not parallel.sequence_parallel:
+        return
+    why = f"parallel.sequence_parallel (default: on when parallel.tp > 1; here {parallel.tp}) splits"
+    lengths = {"data.seq_len": cfg.data.seq_len}
+    if c.uses_random_lengths:
+        lengths["curriculum.length_multiple (random-length steps)"] = c.length_multiple
+    if ev.samples:
+        lengths["eval.sample_prompt + eval.sample_length"] = ev.sample_prompt + ev.sample_length
+    for key, length in lengths.items():
+        if length % parallel.tp:
+            raise ConfigError(
+                f"{why} every sequence over the tensor-parallel ranks: {key}={length} must be a "
+                f"multiple of {parallel.tp} (or set parallel.sequence_parallel=false)"
+            )
 
 
 def takes_mask_tensors(cfg: Config) -> bool:
@@ -518,6 +550,7 @@ class Derived:
     # hidden): a sequence of S tokens costs flops_per_token + this x (S - data.seq_len) per token
     attention_flops_per_position: float
     precision: str  # train.precision resolved: bf16 | fp32 (auto: bf16 with CUDA)
+    parallel: ParallelConfig  # the parallel section as the run uses it (sequence parallelism decided)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -551,6 +584,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
         )
+    check_interleaving(p.pp, p.vpp, p.microbatch_group_size, t.global_batch_size // (t.micro_batch_size * dp))
     params = count_parameters(model_dims(cfg, padded))
     L, h_attn = cfg.data.seq_len, m.hidden_size
     # 6 FLOPs per parameter per token (fwd+bwd) for the transformer layers, plus the
@@ -573,6 +607,7 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         flops_per_scored_token=float(6 * m.hidden_size * padded),
         attention_flops_per_position=float(12 * m.num_layers * h_attn),
         precision=resolve_precision(t.precision),
+        parallel=resolve_parallel(p),
     )
 
 

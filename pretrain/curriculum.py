@@ -84,6 +84,13 @@ class CurriculumConfig:
     # weight of the masked-diffusion (DLM) loss
     dlm_weight: Schedule = field(default_factory=lambda: constant(1.0))
     complementary: bool = False  # pair each row with the same sample under the complementary mask
+    # random lengths are multiples of this (e.g. parallel.tp under sequence parallelism, which
+    # shards every sequence over the tensor-parallel ranks); the same under every layout
+    length_multiple: int = 1
+
+    @property
+    def uses_random_lengths(self) -> bool:
+        return max(self.random_length_prob.values) > 0
 
     @property
     def uses_ar_loss(self) -> bool:
@@ -162,16 +169,20 @@ def value_at(schedule: Schedule, fraction: float) -> float:
     return float(low + alpha * (high - low))
 
 
-def step_length(seed: int, step: int, probability: float, seq_len: int, *, min_length: int = 1) -> int:
-    """The step's sequence length: with `probability`, U[min_length, seq_len] (LLaDA's
-    random length); else seq_len. One draw per (seed, step): all ranks agree."""
+def step_length(
+    seed: int, step: int, probability: float, seq_len: int, *, min_length: int = 1, multiple: int = 1
+) -> int:
+    """The step's sequence length: with `probability`, a multiple of `multiple` drawn
+    uniformly from [min_length, seq_len] (LLaDA's random length); else seq_len. One draw
+    per (seed, step): all ranks agree."""
     if probability <= 0:
         return seq_len
     generator = torch.Generator().manual_seed(mix_seed(seed, _STREAM_LENGTH, step))
     draw, length = torch.rand(2, generator=generator, dtype=torch.float64, device="cpu").tolist()
     if draw >= probability:
         return seq_len
-    return min_length + int(length * (seq_len - min_length + 1))
+    low, high = -(-min_length // multiple), seq_len // multiple  # in units of `multiple`
+    return (low + int(length * (high - low + 1))) * multiple
 
 
 def curriculum_at(
@@ -180,7 +191,7 @@ def curriculum_at(
     """Everything the curriculum decides for optimizer step `step` (1-based)."""
     fraction = progress(step, total_steps)
     cut = value_at(cfg.random_length_prob, fraction)
-    length = step_length(seed, step, cut, seq_len, min_length=min_length)
+    length = step_length(seed, step, cut, seq_len, min_length=min_length, multiple=cfg.length_multiple)
     return StepCurriculum(
         t_min=value_at(cfg.t_min, fraction),
         t_max=value_at(cfg.t_max, fraction),
@@ -246,6 +257,8 @@ def check(cfg: CurriculumConfig) -> list[str]:
     problems += check_schedule("curriculum.dlm_weight", cfg.dlm_weight, low=0, high=math.inf)
     if cfg.block_size.interp != "step" or any(v != int(v) for v in cfg.block_size.values):
         problems.append("curriculum.block_size: whole numbers of tokens, changing in steps (interp: step)")
+    if cfg.length_multiple < 1:
+        problems.append(f"curriculum.length_multiple={cfg.length_multiple} must be >= 1")
     if (any(0 < v for v in cfg.block_size.values) or cfg.uses_ar_loss) and cfg.anneals_attention:
         problems.append(
             "curriculum.block_size / ar_weight and curriculum.bidirectional_ratio both set the "

@@ -462,8 +462,15 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
     except pipeline.DataConfigError as e:
         raise ConfigError(str(e)) from e
     layout = layout_dims(cfg, derived.padded_vocab_size)
-    parallel.Topology.build(world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, **layout)
+    parallel.Topology.build(world_size, **topology_settings(derived), **layout)
     return vocab, derived, layout
+
+
+def topology_settings(derived: Derived) -> dict:
+    """Topology.build's layout keywords, from the parallel section as the run resolved it."""
+    p = derived.parallel
+    pipeline = parallel.PipelineLayout.of(p)
+    return dict(tp=p.tp, pp=p.pp, dp=p.dp, sequence_parallel=p.sequence_parallel, pipeline=pipeline)
 
 
 def check_checkpoints(cfg: Config) -> None:
@@ -500,9 +507,7 @@ def setup(cfg: Config) -> Run:
 def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
     """Process groups, this rank's model stage and engine; no data, nothing loaded."""
     vocab, derived, layout = preflight(cfg)
-    topo = parallel.init_distributed(
-        tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, seed=cfg.seed, model_dims=layout
-    )
+    topo = parallel.init_distributed(**topology_settings(derived), seed=cfg.seed, model_dims=layout)
     bf16 = derived.precision == "bf16"
     deepspeed = parallel.deepspeed_run(
         cfg.parallel.engine,
@@ -514,13 +519,13 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
         bf16=bf16,
     )  # None with parallel.engine=megatron
     with parallel.model_context(deepspeed):  # DeepSpeed ZeRO-3: each rank builds only its partitions
-        model = parallel.build_model(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
+        model = parallel.build_model_chunks(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     engine = parallel.build_engine(
         model,
         topo,
         cfg.optim,
         train_steps=cfg.train.steps,
-        distributed=cfg.parallel.distributed_optimizer,
+        parallel=derived.parallel,
         deepspeed=deepspeed,
     )
     run = Run(cfg, derived, topo, engine, None, Path(cfg.run.dir))
@@ -623,10 +628,13 @@ def resume(run: Run) -> dict | None:
     return data_state
 
 
-def save(run: Run, *, include_optimizer: bool = True) -> Path:
-    ckpt_dir = run.run_dir / "checkpoints"
+def save(run: Run, *, include_optimizer: bool = True) -> Path | None:
+    """A checkpoint of this step; None when it is being written in the background
+    (checkpoint.async_save: `checkpoint_published` follows once it is complete)."""
+    ckpt = run.cfg.checkpoint
+    in_background = ckpt.async_save and include_optimizer
     path = parallel.save_checkpoint(
-        ckpt_dir / f"step_{run.step}",
+        run.run_dir / "checkpoints" / f"step_{run.step}",
         run.engine,
         state={
             "step": run.step,
@@ -637,9 +645,20 @@ def save(run: Run, *, include_optimizer: bool = True) -> Path:
         },
         config_yaml=to_yaml(run.cfg),
         include_optimizer=include_optimizer,
+        fully_parallel=ckpt.fully_parallel_save,
+        in_background=partial(checkpoint_published, run) if in_background else None,
     )
-    parallel.prune_checkpoints(ckpt_dir, run.cfg.checkpoint.keep)
+    if path is not None:
+        parallel.prune_checkpoints(run.run_dir / "checkpoints", ckpt.keep)
     return path
+
+
+def checkpoint_published(run: Run, path: Path) -> None:
+    """Every rank, once a checkpoint written in the background is complete and `latest`
+    names it."""
+    parallel.prune_checkpoints(run.run_dir / "checkpoints", run.cfg.checkpoint.keep)
+    if run.logger:
+        run.logger.write(f"checkpoint: {path} (written in the background; published after step {run.step})")
 
 
 def train(cfg: Config) -> Run:
@@ -657,6 +676,7 @@ def train(cfg: Config) -> Run:
                 if run.step < t.steps and stop.agreed():
                     stop_early(run, stop.received)
                     break
+            parallel.finish_checkpoints(blocking=True)  # a checkpoint written in the background
         if run.logger and run.step >= t.steps:
             run.logger.write(done_line(run, last_eval))
     finally:
@@ -669,6 +689,7 @@ def train(cfg: Config) -> Run:
 def step_and_log(run: Run) -> dict | None:
     """One optimizer step, its metrics, and the evaluation and checkpoint due after it;
     returns the evaluation's metrics if one ran."""
+    parallel.finish_checkpoints(blocking=False)  # publishes a background save once written everywhere
     metrics, eval_metrics = train_step(run), None
     if run.logger:
         run.logger.log(metrics)
@@ -685,10 +706,11 @@ def step_and_log(run: Run) -> dict | None:
     return eval_metrics
 
 
-def save_and_log(run: Run) -> Path:
+def save_and_log(run: Run) -> Path | None:
     path = save(run)
     if run.logger:
-        run.logger.write(f"checkpoint: {path}")
+        where = path or f"step_{run.step} being written in the background"
+        run.logger.write(f"checkpoint: {where}")
     return path
 
 

@@ -157,7 +157,7 @@ def _optimizer_shards() -> dict:
     topo = init_distributed(tp=1, pp=1, dp=None, seed=1, model_dims=TOPO_DIMS)
     model = build_model(ModelDims(**DIMS), topo)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, topo, OptimConfig(), train_steps=10, distributed=True)
+    engine = build_engine(model, topo, OptimConfig(), train_steps=10)
 
     def forward_step(batch, model):
         logits = model(batch)

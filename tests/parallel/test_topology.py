@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 
 import pytest
@@ -12,10 +13,13 @@ import torch
 from parallel.topology import (
     ConfigError,
     LaunchEnv,
+    PipelineLayout,
     Topology,
     _slurm_first_host,
+    check_interleaving,
     padded_vocab_size,
     select_device,
+    stage_layer_counts,
 )
 
 # Divisible by every tp in VALID (1, 2, 3, 4, 8) and layers by every pp (1, 2, 4, 8).
@@ -262,3 +266,75 @@ def test_each_process_binds_its_local_rank_modulo_the_visible_gpus(monkeypatch, 
     for local_rank in range(5):
         select_device(local_rank)
     assert chosen == expected
+
+
+# -- the pipeline split (parallel.vpp, first/last_stage_layers, embedding/loss_as_layer) ------
+def test_stage_layer_counts_equal_megatrons_split_and_refuse_what_it_refuses():
+    """Our pure check agrees with megatron-core's get_num_layers_to_build (and the checks of
+    TransformerConfig) on every combination below: the same layers per model chunk, or both
+    refuse. (At pp=1 an uneven first/last stage or vpp > 1, which megatron lets through
+    meaning nothing, is refused here.)"""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    grid = itertools.product(
+        [4, 6, 12], [1, 2, 3, 4], [1, 2, 3], [None, 1, 4], [None, 2, 3], [False, True], [False, True]
+    )
+    compared = refused = 0
+    for layers, pp, vpp, first, last, embedding, loss in grid:
+        if pp == 1 and (first or last or vpp > 1):
+            continue
+        split = dict(first=first, last=last, embedding_as_layer=embedding, loss_as_layer=loss)
+        try:
+            ours = stage_layer_counts(layers, pp, vpp, **split)
+        except ConfigError:
+            ours = None
+        try:
+            config = TransformerConfig(
+                num_layers=layers,
+                hidden_size=8,
+                num_attention_heads=2,
+                pipeline_model_parallel_size=pp,
+                pipeline_dtype=torch.float32,
+                virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                num_layers_in_first_pipeline_stage=first,
+                num_layers_in_last_pipeline_stage=last,
+                account_for_embedding_in_pipeline_split=embedding,
+                account_for_loss_in_pipeline_split=loss,
+            )
+            chunks = [None] if vpp == 1 else range(vpp)
+            theirs = [
+                [get_num_layers_to_build(config, vp_stage=v, pp_rank=r) for v in chunks] for r in range(pp)
+            ]
+            theirs = theirs if min(map(min, theirs)) >= 0 else None
+        except (ValueError, AssertionError):
+            theirs = None
+        assert ours == theirs, (layers, pp, vpp, split, ours, theirs)
+        compared, refused = compared + 1, refused + (ours is None)
+    assert compared > 500 and 0 < refused < compared  # both kinds of case were exercised
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        (dict(pp=1, pipeline=PipelineLayout(vpp=2)), "parallel.vpp=2"),
+        (dict(pp=2, pipeline=PipelineLayout(vpp=3)), "parallel.vpp=3"),
+        (dict(pp=2, pipeline=PipelineLayout(first_stage_layers=9)), "first_stage_layers=9"),
+        (
+            dict(pp=2, pipeline=PipelineLayout(first_stage_layers=2, embedding_as_layer=True)),
+            "embedding_as_layer",
+        ),
+    ],
+)
+def test_pipeline_splits_that_cannot_be_built_name_their_keys(kw, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        Topology.build(2, **kw, **DIMS)
+
+
+def test_interleaved_schedule_needs_whole_microbatch_groups():
+    check_interleaving(pp=2, vpp=2, group_size=None, num_microbatches=4)  # groups of 2: fine
+    check_interleaving(pp=2, vpp=2, group_size=3, num_microbatches=5)  # 3 + 2 >= pp: fine
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        check_interleaving(pp=4, vpp=2, group_size=None, num_microbatches=2)
+    with pytest.raises(ConfigError, match="a group of 1 < pp"):
+        check_interleaving(pp=2, vpp=2, group_size=3, num_microbatches=4)

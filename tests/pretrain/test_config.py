@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -254,13 +255,13 @@ def test_derive_larger_model_vocab_is_used():
 
 @pytest.mark.parametrize(("world", "tp", "pp"), [(1, 3, 1), (4, 3, 1), (6, 2, 2), (8, 1, 3)])
 def test_derive_tp_pp_not_dividing_world(world, tp, pp):
-    cfg = load_config([f"parallel.tp={tp}", f"parallel.pp={pp}"])
+    cfg = load_config([f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.sequence_parallel=false"])
     with pytest.raises(ConfigError, match=r"parallel\.tp"):
         derive(cfg, world, vocab_size=BYTE_VOCAB, mask_id=259)
 
 
 def test_topology_names_tp_and_heads():
-    cfg = load_config(["model=tiny", "parallel.tp=3"])
+    cfg = load_config(["model=tiny", "parallel.tp=3", "parallel.sequence_parallel=false"])
     d = derive(cfg, 6, vocab_size=BYTE_VOCAB, mask_id=259)  # world 6 is divisible by tp 3
     dims = model_dims(cfg, d.padded_vocab_size)
     with pytest.raises(ConfigError) as e:
@@ -417,3 +418,49 @@ def test_mask_token_id_outside_the_vocabulary_is_refused():
     cfg = load_config(["model.mask_token_id=400"])
     with pytest.raises(ConfigError, match="model.mask_token_id=400"):
         derive(cfg, 1, vocab_size=300, mask_id=4)
+
+
+# -- sequence parallelism and overlapped communication (parallel.*) ---------------------------
+def test_sequence_parallel_is_on_by_default_with_tensor_parallelism_on_the_megatron_engine():
+    def resolved(*overrides: str, world: int = 2):
+        cfg = load_config(["model=tiny", *overrides])
+        return derive(cfg, world, vocab_size=BYTE_VOCAB, mask_id=259).parallel
+
+    assert resolved("parallel.tp=2").sequence_parallel is True
+    assert resolved().sequence_parallel is False  # tp=1: nothing to shard
+    assert resolved("parallel.tp=2", "parallel.sequence_parallel=false").sequence_parallel is False
+    assert resolved("parallel.tp=2", "parallel.engine=deepspeed").sequence_parallel is False
+    # the overlapped all-gather needs the distributed optimizer's sharded weights
+    assert resolved("parallel.distributed_optimizer=false").overlap_param_gather is False
+    assert resolved().overlap_param_gather is True and resolved().overlap_grad_reduce is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["parallel.tp=2", "parallel.engine=deepspeed", "parallel.sequence_parallel=true"],
+            "parallel.engine",
+        ),
+        (["parallel.tp=2", "data.seq_len=63"], "data.seq_len=63"),
+        (["parallel.tp=2", "curriculum.random_length_prob.values=[0.1]"], "curriculum.length_multiple"),
+        (["parallel.tp=2", "eval.samples=2", "eval.sample_length=31"], "eval.sample_prompt"),
+        (["curriculum.random_length_prob.values=[0.1]", "curriculum.length_multiple=128"], "data.seq_len"),
+        (["parallel.bucket_size=0"], "parallel.bucket_size"),
+    ],
+)
+def test_layouts_that_cannot_shard_the_sequence_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(["model=tiny", *overrides])
+
+
+def test_random_lengths_under_sequence_parallelism_with_a_matching_multiple_are_accepted():
+    cfg = load_config(
+        [
+            "model=tiny",
+            "parallel.tp=2",
+            "curriculum.random_length_prob.values=[0.1]",
+            "curriculum.length_multiple=8",
+        ]
+    )
+    assert derive(cfg, 2, vocab_size=BYTE_VOCAB, mask_id=259).parallel.sequence_parallel

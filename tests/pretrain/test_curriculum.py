@@ -4,6 +4,7 @@ MASK embedding)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,15 @@ import torch
 
 from parallel.topology import ConfigError
 from pretrain.config import CONF_DIR, load_config
-from pretrain.curriculum import Schedule, check, curriculum_at, progress, step_length, value_at
+from pretrain.curriculum import (
+    CurriculumConfig,
+    Schedule,
+    check,
+    curriculum_at,
+    progress,
+    step_length,
+    value_at,
+)
 from pretrain.objective import (
     block_diffusion_inputs,
     block_t,
@@ -325,3 +334,12 @@ def test_every_preset_trains_the_loss_down(preset, tmp_path):
     print(f"{preset}: loss {first:.3f} -> {last:.3f}, held-out bound {final['eval_nll']:.3f}")
     assert len(losses) == steps and last < 0.8 * first
     assert math.isfinite(final["eval_nll"]) and final["eval_nll"] < math.log(260)
+
+
+def test_random_lengths_are_multiples_of_length_multiple():
+    """Every multiple of 4 from 8 (the first >= min_length 5) up to 64 is drawn, nothing else."""
+    lengths = {step_length(3, step, 1.0, 64, min_length=5, multiple=4) for step in range(1, 3001)}
+    assert lengths == set(range(8, 65, 4))
+    assert check(dataclasses.replace(CurriculumConfig(), length_multiple=0)) == [
+        "curriculum.length_multiple=0 must be >= 1"
+    ]

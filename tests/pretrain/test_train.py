@@ -29,7 +29,8 @@ STEPS = 6
 # and data-parallel ranks; stratified t depends on the global batch; tied embeddings
 # cross pipeline stages; QKV bias is the Qwen2 path. The curriculum uses every scheduled
 # value: a moving t band, random-length steps (5 of the 6 with seed 7: lengths 40, 64,
-# 21, 2, 41, 1, so pipeline shapes change per step), annealed noise on the MASK
+# 22, 2, 42, 2 -- even, as sequence parallelism at tp=2 needs -- so pipeline shapes
+# change per step), annealed noise on the MASK
 # embedding, complementary pairs, causal-to-bidirectional attention annealing (a mask
 # tensor on every stage); the resume at step 3 lands mid-schedule.
 CURRICULUM = [
@@ -37,6 +38,7 @@ CURRICULUM = [
     "curriculum.t_min.at=[0,0.5]",
     "curriculum.t_min.interp=linear",
     "curriculum.random_length_prob.values=[0.3]",
+    "curriculum.length_multiple=2",
     "curriculum.mask_noise_std.values=[0.5,0.0]",
     "curriculum.mask_noise_std.at=[0,0.5]",
     "curriculum.mask_noise_std.interp=cosine",
@@ -47,6 +49,7 @@ CURRICULUM = [
 ]
 CONFIG = [
     "model=tiny",
+    "model.num_layers=4",  # two model chunks of one layer per stage at pp=2 x vpp=2
     "model.tie_embeddings=true",
     "model.qkv_bias=true",
     "objective.normalization=masked",
@@ -62,12 +65,17 @@ CONFIG = [
     *CURRICULUM,
     *QUIET,
 ]
-# Activation recompute must not change results either: exercised on two layouts.
+# Activation recompute must not change results either: exercised on two layouts. tp=2 runs
+# with sequence parallelism (its default), dp=2 with the overlapped gradient reduction and
+# parameter all-gather over small buckets (the model's ~50 tensors in ~25 buckets);
+# tp2pp2vpp2 is megatron's interleaved schedule (2 model chunks per stage, 4 microbatches
+# per step in groups of 2) under sequence parallelism; pp2uneven splits 1 + 3 layers.
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "model.recompute=selective"]),
-    "dp2": (2, ["model.recompute=full"]),
-    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "dp2": (2, ["model.recompute=full", "parallel.bucket_size=10000"]),
+    "tp2pp2vpp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2"]),
+    "pp2uneven": (2, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"]),
 }
 RTOL = 1e-5
 
@@ -257,6 +265,78 @@ def test_exact_resume(root, reference):
         assert torch.equal(a[name], b[name]), name
 
 
+def _train_with_slow_background_writes(overrides: list[str], crash_at_step: int) -> list[tuple[str, int]]:
+    """One rank of a run whose background checkpoint writers first sleep 2 s. Returns
+    (checkpoint, step after which it was published) for each. At the start of step
+    `crash_at_step` (0: never) the rank crashes, its writer process with it."""
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    import parallel
+    from parallel import checkpoint
+    from pretrain import train as trainer
+    from pretrain.config import load_config
+
+    write, train_step, published = (
+        FileSystemWriterAsync.write_preloaded_data_multiproc,
+        trainer.train_step,
+        [],
+    )
+    record = trainer.checkpoint_published
+
+    def slow_write(*args, **kwargs):
+        time.sleep(2)
+        return write(*args, **kwargs)
+
+    def crashing_step(run):
+        if run.step + 1 == crash_at_step:
+            for call in checkpoint._BACKGROUND.async_calls:  # the writer dies mid-save too
+                call.async_caller.process.kill()
+            raise RuntimeError("injected crash")
+        return train_step(run)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
+    trainer.train_step = crashing_step
+    trainer.checkpoint_published = lambda run, path: (
+        published.append((path.name, run.step)),
+        record(run, path),
+    )
+    try:
+        trainer.train(load_config(overrides))
+    finally:
+        parallel.shutdown_distributed()
+    return published
+
+
+def test_background_saves_overlap_training_resume_exactly_and_survive_a_crash(
+    root, seed_checkpoint, reference
+):
+    """checkpoint.async_save at DP=2 (fully parallel writes): steps go on while a checkpoint
+    is written, training is unchanged; a crash while step 4's checkpoint is being written
+    leaves `latest` on step 2 (written in the background), which resumes exactly."""
+    base = [
+        *CONFIG,
+        "checkpoint.every=2",
+        "checkpoint.async_save=true",
+        f"checkpoint.init_from={seed_checkpoint}",
+    ]
+    steady, crashed = root / "async", root / "async_crash"
+    published = spawn(_train_with_slow_background_writes, 2, [*base, f"run.dir={steady}"], 0, timeout=600)[0]
+    assert [name for name, _ in published] == ["step_2", "step_4", "step_6"], published
+    assert published[0][1] > 2, f"step 2's checkpoint was published after step {published[0][1]}: no overlap"
+    _assert_same_steps(read_metrics(steady), read_metrics(reference), "async saves vs reference")
+
+    with pytest.raises(AssertionError, match="injected crash"):
+        spawn(_train_with_slow_background_writes, 2, [*base, f"run.dir={crashed}"], 5, timeout=600)
+    checkpoints = crashed / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_2"
+    assert (checkpoints / "step_4.tmp").is_dir() and not (checkpoints / "step_4").exists()
+    proc = launch(2, [*base, "checkpoint.async_save=false", f"run.dir={crashed}"])
+    assert "resumed from" in proc.stdout and "step_2" in proc.stdout
+    _assert_same_steps(read_metrics(crashed)[-4:], read_metrics(reference)[2:], "resume after a crash")
+
+
 BLOCK_DIFFUSION = [
     *(
         o
@@ -324,17 +404,18 @@ def _live_sample(checkpoint: str, run_dir: str, layout: list[str]) -> dict:
     return {"logits": logits, "samples": samples}
 
 
-def test_sampling_on_the_live_model_under_tp2_and_pp2(root, reference):
+def test_sampling_on_the_live_model_under_tp2_and_pp2_vpp2(root, reference):
     """engine.forward_logits (what the in-loop sampler runs on): every rank of a TP=2 and a
-    PP=2 layout holds the same full-vocabulary logits, equal to one process's to fp32
-    tolerance, so every rank takes the same sampling steps; the samples are text of the
-    requested length."""
+    PP=2 x VPP=2 layout (the checkpoint loaded into two model chunks per stage; the
+    interleaved schedule runs its minimum group of microbatches) holds the same
+    full-vocabulary logits, equal to one process's to fp32 tolerance, so every rank takes
+    the same sampling steps; the samples are text of the requested length."""
     checkpoint = str(reference / "checkpoints" / f"step_{STEPS}")
     one = spawn(_live_sample, 1, checkpoint, str(root / "live_one"), [], timeout=600)[0]
     assert len(one["samples"]) == 2 and all(
         s["prompt"] and isinstance(s["completion"], str) for s in one["samples"]
     )
-    for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
+    for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2vpp2", ["parallel.pp=2", "parallel.vpp=2"])):
         ranks = spawn(_live_sample, 2, checkpoint, str(root / f"live_{name}"), layout, timeout=600)
         assert torch.equal(ranks[0]["logits"], ranks[1]["logits"]), name
         assert ranks[0]["logits"].shape == one["logits"].shape
@@ -417,8 +498,9 @@ def test_logit_shift_masked_only_under_tp2_equals_all_logits_in_one_process(root
 
 def test_document_attention_under_pp2_tp2_equals_one_process(root, seed_checkpoint):
     """model.attention=document on many short documents (several per 64-token sample):
-    the pipeline stages each build the mask from the batch's segments; TP2xPP2 gives the
-    losses of one process, and the mask changes them (it was applied)."""
+    the pipeline stages each build the mask from the batch's segments; TP2xPP2 (here
+    without sequence parallelism, the megatron engine's other tensor-parallel path) gives
+    the losses of one process, and the mask changes them (it was applied)."""
     docs = root / "short_docs"
     docs.mkdir()
     rng = random.Random(0)
@@ -435,7 +517,16 @@ def test_document_attention_under_pp2_tp2_equals_one_process(root, seed_checkpoi
     runs = {}
     for name, nproc, extra in (
         ("one", 1, ["model.attention=document"]),
-        ("tp2pp2", 4, ["model.attention=document", "parallel.tp=2", "parallel.pp=2"]),
+        (
+            "tp2pp2",
+            4,
+            [
+                "model.attention=document",
+                "parallel.tp=2",
+                "parallel.pp=2",
+                "parallel.sequence_parallel=false",
+            ],
+        ),
         ("full", 1, []),
     ):
         runs[name] = root / f"document_{name}"
