@@ -404,7 +404,8 @@ def build_engine(
     if deepspeed is not None:
         from parallel.deepspeed_engine import build_deepspeed_engine
 
-        return build_deepspeed_engine(model, topo, optim, deepspeed, train_steps=train_steps)
+        (stage,) = model if isinstance(model, list) else [model]  # no pipeline: one model chunk
+        return build_deepspeed_engine(stage, topo, optim, deepspeed, train_steps=train_steps)
     parallel = parallel or resolve_parallel(ParallelConfig(tp=topo.tp, pp=topo.pp))
     return build_megatron_engine(model, topo, optim, parallel, train_steps=train_steps)
 

@@ -135,13 +135,17 @@ class ParallelConfig:
     # interleaved schedule: microbatches run in a row on one model chunk (megatron's
     # --microbatch-group-size-per-vp-stage); None: parallel.pp
     microbatch_group_size: int | None = None
-    # uneven pipeline: transformer layers of the first / last stage (the other stages share
-    # the rest evenly), e.g. fewer where the embedding or the output layer and loss run
+    # uneven pipeline: transformer layers of the first stage (the other stages share the rest
+    # evenly), e.g. fewer where the embedding runs (megatron's num_layers_in_first_pipeline_stage)
     first_stage_layers: int | None = None
+    # uneven pipeline: transformer layers of the last stage, e.g. fewer where the output layer
+    # and the loss run (megatron's num_layers_in_last_pipeline_stage)
     last_stage_layers: int | None = None
-    # the input embedding / the output layer and loss count as one layer of the first / last
-    # stage's share (megatron's account_for_embedding/loss_in_pipeline_split)
+    # the input embedding counts as one layer of the first stage's share
+    # (megatron's account_for_embedding_in_pipeline_split)
     embedding_as_layer: bool = False
+    # the output layer and loss count as one layer of the last stage's share
+    # (megatron's account_for_loss_in_pipeline_split)
     loss_as_layer: bool = False
 
 
