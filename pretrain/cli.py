@@ -157,6 +157,18 @@ COMMANDS = {
             plain_subcommands=("show",),
         ),
         Command(
+            "plan",
+            "the parallel layouts of a model on a GPU cluster: memory, step time, MFU, cost",
+            "pretrain.plan:main",
+            "pretrain.config:Config",
+            "config",
+            groups=TRAIN_GROUPS,
+            examples=(
+                "dlm plan model=dense_100b cluster=h100 plan.gpus=512 data.seq_len=4096 "
+                "train.global_batch_size=1024 plan.tokens=2e12",
+            ),
+        ),
+        Command(
             "report",
             "PNG plots + summary comparing runs",
             "pretrain.report:main",

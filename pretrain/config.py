@@ -95,6 +95,14 @@ class ClusterConfig:
     # Peak dense FLOP/s per device for MFU, in TFLOP/s.
     # None: measured fp32 matmul on CPU; the bf16 datasheet value on known GPUs.
     peak_tflops: float | None = None
+    # -- the hardware `dlm plan` models (pretrain/plan.py); per GPU, per direction
+    gpu_memory_gib: float | None = None  # device memory as the device reports it
+    intra_node_gbps: float | None = None  # GB/s within a node (NVLink/NVSwitch)
+    inter_node_gbps: float | None = None  # GB/s between nodes: the GPU's share of the node's NICs
+    hbm_gbps: float | None = None  # GB/s of device memory (memory-bound kernels)
+    # sustained share of peak_tflops of the model's matrix multiplications in training
+    achievable_fraction: float | None = None
+    gpu_hour_cost: float = 1.0  # price of one GPU-hour, for the plan's cost column
     # -- Slurm (`dlm slurm submit`, slurm/): one process per GPU (per task without GPUs)
     nodes: int = 1  # nodes of a training job
     gpus_per_node: int = 0  # GPUs per node; one task (process) each
@@ -116,6 +124,22 @@ class ClusterConfig:
 
 
 PIPELINE_STAGES = ("tokenizer", "prepare", "train", "eval", "export")
+
+
+@dataclass
+class PlanConfig:
+    # `dlm plan`: the layouts of model/ on cluster/ for train.global_batch_size x data.seq_len.
+    gpus: int | None = None  # GPUs to lay the model over; None: cluster.nodes x cluster.gpus_per_node
+    tokens: float | None = None  # the training budget; None: train.steps x global batch x data.seq_len
+    top: int = 10  # layouts shown, best first
+    # attention kernel: flash (Transformer Engine: no s x s tensor) | unfused (megatron's local
+    # spec: the [b, heads, s, s] softmax saved); auto: flash unless model.spec=local
+    attention: str = "auto"
+    vocab_size: int = 128256  # the tokenizer's vocabulary when model.vocab_size is unset (Llama 3's)
+    # layers recomputed in backward: the options tried (none | selective | full)
+    recompute: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
+    # engines tried: distopt (megatron, distributed optimizer) | ddp (megatron) | zero1/2/3 (DeepSpeed)
+    zero: list[str] = field(default_factory=lambda: ["distopt", "zero1", "zero2", "zero3"])
 
 
 @dataclass
@@ -217,6 +241,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping, starting from
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics: wandb, progress bar
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # `dlm slurm pipeline`: the stages
+    plan: PlanConfig = field(default_factory=PlanConfig)  # `dlm plan`: what the layouts are planned for
 
 
 def register() -> None:
@@ -231,6 +256,7 @@ def register() -> None:
 
 
 CHOICES = {
+    "plan.attention": ("auto", "flash", "unfused"),
     "model.attention": ("bidirectional", "document", "causal"),
     "model.spec": ("auto", "local", "te"),
     "model.recompute": ("none", "selective", "full"),
