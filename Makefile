@@ -65,6 +65,7 @@ bench: install
 	$(PY) bench/convert_throughput.py
 	$(PY) bench/curriculum_throughput.py
 	$(PY) bench/engines.py
+	$(PY) bench/pipeline_bubble.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
