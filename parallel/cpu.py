@@ -13,6 +13,7 @@ This is the only module of dlm-pretrain that may mention CUDA device strings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import torch
@@ -36,6 +37,7 @@ def apply() -> bool:
             return True
         _patch_torch_cuda()
         _patch_rng_tracker()
+        _patch_context_parallel_attention()
         _CudaToCpuMode().__enter__()  # process-wide; never exited
         _APPLIED = True
     return True
@@ -107,6 +109,42 @@ def _patch_rng_tracker() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# 2b. Context-parallel attention, which only Transformer Engine implements (GPU kernels).
+# ---------------------------------------------------------------------------------------
+def _patch_context_parallel_attention() -> None:
+    """megatron's local DotProductAttention refuses context parallelism
+    (transformer/dot_product_attention.py:57, "Context parallelism is only supported by
+    TEDotProductAttention!"); TE's CP attention needs CUDA. On CPU: each rank all-gathers the
+    keys and values of the whole sequence over the context-parallel group (backward: their
+    gradients reduce-scattered back) and attends to all of them -- exact for the
+    bidirectional attention without mask tensors that parallel.cp runs (a softmax over all
+    keys does not depend on their order; RoPE was applied before)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    from megatron.core.transformer import dot_product_attention as attention
+
+    cls = attention.DotProductAttention
+    original_init, original_forward = cls.__init__, cls.forward
+
+    def __init__(self, config, *args, **kwargs):
+        context_parallel = config.context_parallel_size
+        if context_parallel > 1:
+            config = copy.copy(config)
+            config.context_parallel_size = 1
+        original_init(self, config, *args, **kwargs)
+        self.cpu_context_parallel = context_parallel
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        if getattr(self, "cpu_context_parallel", 1) > 1:
+            group = parallel_state.get_context_parallel_group()
+            key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=group)
+            value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=group)
+        return original_forward(self, query, key, value, attention_mask, *args, **kwargs)
+
+    cls.__init__, cls.forward = __init__, forward
+
+
+# ---------------------------------------------------------------------------------------
 # 3. Hard-coded CUDA devices and type strings, redirected for the whole process.
 # ---------------------------------------------------------------------------------------
 _CUDA_TYPE_NAMES = {
@@ -130,6 +168,8 @@ class _CudaToCpuMode(TorchFunctionMode):
     - ``device="cuda"`` in factory calls: pipeline_parallel/schedules.py:596, 983, 2138
       (``total_num_tokens``) and transformer/utils.py:35 (default causal mask);
     - ``Tensor.cuda()`` / ``Tensor.to("cuda")``: optimizer/grad_scaler.py:140 and others;
+    - ``pin_memory=True``: models/common/embeddings/rope_utils.py:61 (the zig-zag RoPE
+      positions of a context-parallel rank), which fails without an accelerator;
     - ``Tensor.type()`` comparisons with ``'torch.cuda.FloatTensor'``:
       optimizer/distrib_optimizer.py:420 ("Wrapped parameters must be one of
       torch.cuda.FloatTensor...") and optimizer/clip_grads.py:167 (bare assert).
@@ -144,6 +184,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(name, name)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):  # pinned host memory needs an accelerator
+            kwargs = {**kwargs, "pin_memory": False}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

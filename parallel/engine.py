@@ -38,7 +38,13 @@ from parallel.optim import (
     scheduler_arguments,
     weight_decay_start,
 )
-from parallel.topology import ConfigError, ParallelConfig, Topology, resolve_parallel
+from parallel.topology import (
+    ConfigError,
+    ParallelConfig,
+    Topology,
+    context_parallel_positions,
+    resolve_parallel,
+)
 from parallel.zero import DeepSpeedRun
 
 
@@ -266,11 +272,15 @@ class Engine:
         batch, length = tokens.shape
 
         def step(data, model):
-            output = model(data if self.topo.is_first_stage else None)
+            output = model(self.context_part(data) if self.topo.is_first_stage else None)
             return output, lambda out: (
                 out.sum() * 0,
                 torch.ones((), dtype=torch.int64, device=out.device),
-                {"logits": tensor_parallel.gather_from_tensor_model_parallel_region(out)},
+                {
+                    "logits": self._context_gather(
+                        tensor_parallel.gather_from_tensor_model_parallel_region(out), length
+                    )
+                },
             )
 
         # the interleaved schedule runs at least a group of microbatches: copies of `tokens`
@@ -304,12 +314,48 @@ class Engine:
         torch.distributed.broadcast(out, src=0)
         return out
 
+    # -- context parallelism ---------------------------------------------------------------
+    def context_part(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This context-parallel rank's zig-zag part of every sequence of `tensor` (positions
+        along `dim`): what megatron-core's RoPE and Transformer Engine's CP attention expect.
+        The whole tensor without context parallelism."""
+        if self.topo.cp == 1:
+            return tensor
+        positions = context_parallel_positions(
+            tensor.shape[dim], self.topo.cp, self.topo.cp_rank, tensor.device
+        )
+        return tensor.index_select(dim, positions)
+
+    def context_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the context-parallel ranks (each holds its part of every
+        sequence): per-sample statistics that are not additive across samples."""
+        if self.topo.cp == 1:
+            return values
+        values = values.clone()
+        torch.distributed.all_reduce(values, group=parallel_state.get_context_parallel_group())
+        return values
+
+    def _context_gather(self, part: torch.Tensor, length: int) -> torch.Tensor:
+        """The whole [s, ...] tensor from every context-parallel rank's part (positions along
+        dim 0), identical on every rank."""
+        if self.topo.cp == 1:
+            return part
+        group = parallel_state.get_context_parallel_group()
+        parts = [torch.empty_like(part) for _ in range(self.topo.cp)]
+        torch.distributed.all_gather(parts, part.contiguous(), group=group)
+        whole = part.new_empty((length, *part.shape[1:]))
+        for rank, piece in enumerate(parts):
+            whole[context_parallel_positions(length, self.topo.cp, rank, part.device)] = piece
+        return whole
+
     # -- metrics ---------------------------------------------------------------------------
     def global_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-replica statistics produced on the last pipeline stage over
-        data-parallel ranks, and hand the result to every stage (zeros elsewhere)."""
+        data-parallel (and context-parallel) ranks, and hand the result to every stage
+        (zeros elsewhere)."""
         values = values.clone()
-        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        torch.distributed.all_reduce(values, group=group)
         if self.topo.pp > 1:
             torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
         return values

@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from parallel.dims import ModelDims
-from parallel.topology import Topology
+from parallel.topology import ConfigError, Topology
 
 try:  # pragma: no cover - only on GPU machines
     import transformer_engine  # noqa: F401
@@ -59,6 +59,11 @@ def grad_accumulation_fusion(dims: ModelDims) -> bool:
 
 
 def build_transformer_config(dims: ModelDims, topo: Topology, *, bf16: bool) -> TransformerConfig:
+    if topo.cp > 1 and torch.cuda.is_available() and not use_transformer_engine(dims.spec):
+        raise ConfigError(
+            f"parallel.cp={topo.cp} runs on Transformer Engine's context-parallel attention: "
+            "model.spec=local has none (install transformer_engine, model.spec=auto|te)"
+        )
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = {
         "none": {},
@@ -83,6 +88,7 @@ def build_transformer_config(dims: ModelDims, topo: Topology, *, bf16: bool) -> 
         init_method_std=dims.init_std,
         tensor_model_parallel_size=topo.tp,
         pipeline_model_parallel_size=topo.pp,
+        context_parallel_size=topo.cp,
         **pipeline_settings(topo),
         sequence_parallel=topo.sequence_parallel,
         params_dtype=dtype,

@@ -111,7 +111,10 @@ def _uneven_note(first, last, embedding_as_layer, loss_as_layer) -> str:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size: ranks each layer is split over
     pp: int = 1  # pipeline-parallel size: stages the layers are split into
-    dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * pp)
+    dp: int | None = None  # data-parallel size; None: derived, world_size / (tp * cp * pp)
+    # context-parallel size: ranks each sequence is split over (zig-zag, bidirectional
+    # attention over the whole sequence through Transformer Engine's CP attention on GPUs)
+    cp: int = 1
     distributed_optimizer: bool = True  # megatron engine: ZeRO-1, Adam states sharded over dp ranks
     # the training engine: megatron (TP/PP/DP, distributed optimizer) | deepspeed (ZeRO
     # stage 1/2/3 and CPU/NVMe offload from the zero: section, TP; no PP)
@@ -236,6 +239,7 @@ class Topology:
     local_rank: int = 0
     sequence_parallel: bool = False  # activations sharded along the sequence over tp ranks
     pipeline: PipelineLayout = PipelineLayout()  # layers per stage and model chunk
+    cp: int = 1  # context parallelism: ranks each sequence is split over (zig-zag)
 
     @classmethod
     def build(
@@ -254,19 +258,31 @@ class Topology:
         padded_vocab: int,
         sequence_parallel: bool = False,
         pipeline: PipelineLayout = PipelineLayout(),
+        cp: int = 1,
     ) -> Topology:
-        for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.vpp", pipeline.vpp)):
+        sizes = (
+            ("parallel.tp", tp),
+            ("parallel.cp", cp),
+            ("parallel.pp", pp),
+            ("parallel.vpp", pipeline.vpp),
+        )
+        for key, value in sizes:
             if value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1")
-        if world_size % (tp * pp):
+        named = (
+            f"parallel.tp={tp} x parallel.cp={cp} x parallel.pp={pp}"
+            if cp > 1
+            else f"parallel.tp={tp} x parallel.pp={pp}"
+        )
+        if world_size % (tp * cp * pp):
             raise ConfigError(
-                f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
-                f"world size {world_size} (number of launched processes)"
+                f"{named} = {tp * cp * pp} does not divide the world size {world_size} "
+                "(number of launched processes)"
             )
-        derived_dp = world_size // (tp * pp)
+        derived_dp = world_size // (tp * cp * pp)
         if dp is not None and dp != derived_dp:
             raise ConfigError(
-                f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {tp * pp * dp} "
+                f"{named} x parallel.dp={dp} = {tp * cp * pp * dp} "
                 f"!= world size {world_size}; leave parallel.dp unset to derive it"
             )
         checks = (
@@ -279,7 +295,9 @@ class Topology:
             if value % by:
                 raise ConfigError(f"{by_key}={by} does not divide {what}={value}")
         pipeline.layer_counts(num_layers, pp)  # the layers split over stages and chunks
-        return cls(world_size, tp, pp, derived_dp, rank, local_rank, sequence_parallel and tp > 1, pipeline)
+        return cls(
+            world_size, tp, pp, derived_dp, rank, local_rank, sequence_parallel and tp > 1, pipeline, cp
+        )
 
     @property
     def device(self) -> torch.device:
@@ -290,12 +308,16 @@ class Topology:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
 
     @property
     def is_first_stage(self) -> bool:
@@ -313,7 +335,8 @@ class Topology:
     def describe(self) -> str:
         sp = " sp" if self.sequence_parallel else ""
         vpp = f" vpp={self.pipeline.vpp}" if self.pipeline.vpp > 1 else ""
-        return f"world={self.world_size} tp={self.tp}{sp} pp={self.pp}{vpp} dp={self.dp} ({self.backend})"
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return f"world={self.world_size} tp={self.tp}{sp}{cp} pp={self.pp}{vpp} dp={self.dp} ({self.backend})"
 
     @property
     def vpp(self) -> int:
@@ -394,6 +417,7 @@ def init_distributed(
     model_dims: dict,
     sequence_parallel: bool = False,
     pipeline: PipelineLayout = PipelineLayout(),
+    cp: int = 1,
     timeout_minutes: int = 30,
 ) -> Topology:
     """Start torch.distributed (NCCL with CUDA, gloo without) and megatron-core's
@@ -411,6 +435,7 @@ def init_distributed(
         local_rank=launch.local_rank,
         sequence_parallel=sequence_parallel,
         pipeline=pipeline,
+        cp=cp,
         **model_dims,
     )
     from parallel import cpu
@@ -432,6 +457,7 @@ def init_distributed(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=pipeline.vpp if pipeline.vpp > 1 else None,
+        context_parallel_size=cp,
         distributed_timeout_minutes=timeout_minutes,
     )
     # As Megatron-LM's _set_random_seed: every pipeline stage gets its own seed (else the
@@ -445,6 +471,7 @@ def init_distributed(
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
     assert parallel_state.get_data_parallel_rank() == topo.dp_rank
     assert parallel_state.get_pipeline_model_parallel_rank() == topo.pp_rank
+    assert parallel_state.get_context_parallel_rank() == topo.cp_rank
     assert parallel_state.get_tensor_model_parallel_rank() == topo.tp_rank
     return topo
 
@@ -467,3 +494,13 @@ def shutdown_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+
+
+def context_parallel_positions(length: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
+    """The sequence positions a context-parallel rank holds, as megatron-core and Transformer
+    Engine expect them (zig-zag, models/common/embeddings/rotary_pos_embedding.py
+    get_pos_emb_on_this_cp_rank): the sequence cut into 2 x cp chunks, rank r holding chunks r
+    and 2cp - 1 - r, so that under causal masks every rank has the same work."""
+    chunk = length // (2 * cp)
+    starts = (cp_rank * chunk, (2 * cp - 1 - cp_rank) * chunk)
+    return torch.cat([torch.arange(start, start + chunk, device=device) for start in starts])

@@ -9,6 +9,7 @@ timestamped output directory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,8 @@ class PlanConfig:
     vocab_size: int = 128256  # the tokenizer's vocabulary when model.vocab_size is unset (Llama 3's)
     # layers recomputed in backward: the options tried (none | selective | full)
     recompute: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
+    # context-parallel sizes tried (parallel.cp), e.g. [1, 2, 4] for long sequences
+    cp: list[int] = field(default_factory=lambda: [1])
     # engines tried: distopt (megatron, distributed optimizer) | ddp (megatron) | zero1/2/3 (DeepSpeed)
     zero: list[str] = field(default_factory=lambda: ["distopt", "zero1", "zero2", "zero3"])
 
@@ -484,6 +487,10 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     validate_zero(cfg.zero, engine=p.engine, pp=p.pp, distributed_optimizer=p.distributed_optimizer)
     check_sequence_lengths(cfg, resolve_parallel(p))
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp={p.cp} must be >= 1")
+    if p.cp > 1:
+        check_context_parallel(cfg)
     if cfg.checkpoint.async_save and p.engine != "megatron":
         raise ConfigError(
             "checkpoint.async_save=true writes megatron dist checkpoints in the background: it needs "
@@ -492,28 +499,60 @@ def validate(cfg: Config) -> None:
 
 
 def check_sequence_lengths(cfg: Config, parallel: ParallelConfig) -> None:
-    """Under sequence parallelism every sequence the model sees is split evenly over the
-    tensor-parallel ranks: the training length, the curriculum's random lengths and the
-    eval samples' length must be multiples of parallel.tp."""
+    """Context parallelism splits every sequence the model sees into 2 x cp chunks (zig-zag),
+    sequence parallelism each rank's part over the tensor-parallel ranks: the training
+    length, the curriculum's random lengths and the eval samples' length must be multiples
+    of `sequence_multiple`."""
     c, ev = cfg.curriculum, cfg.eval
     if c.uses_random_lengths and c.length_multiple > cfg.data.seq_len:
         raise ConfigError(
             f"curriculum.length_multiple={c.length_multiple} exceeds data.seq_len={cfg.data.seq_len}"
         )
-    if not parallel.sequence_parallel:
+    multiple = sequence_multiple(parallel)
+    if multiple == 1:
         return
-    why = f"parallel.sequence_parallel (default: on when parallel.tp > 1; here {parallel.tp}) splits"
+    why = (
+        f"parallel.cp={parallel.cp} and parallel.sequence_parallel (default: on when parallel.tp > 1; "
+        f"here tp={parallel.tp}, sp={parallel.sequence_parallel}) split"
+    )
     lengths = {"data.seq_len": cfg.data.seq_len}
     if c.uses_random_lengths:
         lengths["curriculum.length_multiple (random-length steps)"] = c.length_multiple
     if ev.samples:
         lengths["eval.sample_prompt + eval.sample_length"] = ev.sample_prompt + ev.sample_length
     for key, length in lengths.items():
-        if length % parallel.tp:
+        if length % multiple:
             raise ConfigError(
-                f"{why} every sequence over the tensor-parallel ranks: {key}={length} must be a "
-                f"multiple of {parallel.tp} (or set parallel.sequence_parallel=false)"
+                f"{why} every sequence: {key}={length} must be a multiple of {multiple} "
+                "(or set parallel.sequence_parallel=false)"
             )
+
+
+def sequence_multiple(parallel: ParallelConfig) -> int:
+    """What every sequence length must be a multiple of: 2 x cp zig-zag chunks, each rank's
+    part split over tp under sequence parallelism."""
+    chunks = 2 * parallel.cp if parallel.cp > 1 else 1
+    shard = parallel.cp * parallel.tp if parallel.sequence_parallel else 1
+    return math.lcm(chunks, shard)
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """What context parallelism runs here: bidirectional attention over whole samples with the
+    plain or logit-shifted objective, on the megatron engine."""
+    unsupported = {
+        "parallel.engine=deepspeed": cfg.parallel.engine != "megatron",
+        "model.attention=document (documents need Transformer Engine's packed THD format)": (
+            cfg.model.attention == "document"
+        ),
+        "model.attention=causal": cfg.model.attention == "causal",
+        "curriculum.bidirectional_ratio < 1 (mask tensors)": cfg.curriculum.anneals_attention,
+        "curriculum.block_size / ar_weight (two copies, mask tensors)": (
+            cfg.curriculum.uses_block_diffusion(cfg.data.seq_len) or cfg.curriculum.uses_ar_loss
+        ),
+    }
+    refused = [key for key, applies in unsupported.items() if applies]
+    if refused:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp} does not run with {'; '.join(refused)}")
 
 
 def takes_mask_tensors(cfg: Config) -> bool:
@@ -600,11 +639,12 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
             "(dlm import-hf records it; model=from_checkpoint adopts it)"
         )
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by)
-    if world_size % (p.tp * p.pp):
+    if world_size % (p.tp * p.cp * p.pp):
         raise ConfigError(
-            f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}"
+            f"parallel.tp={p.tp} x parallel.cp={p.cp} x parallel.pp={p.pp} does not divide the world size "
+            f"{world_size}"
         )
-    dp = world_size // (p.tp * p.pp)
+    dp = world_size // (p.tp * p.cp * p.pp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "

@@ -906,8 +906,8 @@ class SearchSpace:
     """What `enumerate_layouts` tries (tp: divisors of gpus_per_node unless given)."""
 
     tp: tuple[int, ...] | None = None
-    # context parallelism (parallel.cp) is not built yet: the planner models it (cp_comm) but
-    # proposes it only when asked
+    # context parallelism (parallel.cp) only when asked (plan.cp): its cost here is the K/V
+    # exchange alone, and its GPU path (Transformer Engine) is unmeasured by this project
     cp: tuple[int, ...] = (1,)
     micro_batch_size: tuple[int, ...] = (1, 2, 4, 8)
     zero: tuple = ZERO_OPTIONS
@@ -1080,7 +1080,11 @@ def plan_inputs(cfg) -> tuple[ModelSpec, ClusterSpec, Execution, SearchSpace, in
         from parallel.topology import ConfigError
 
         raise ConfigError(f"plan.zero: {unknown} are not among {list(ZERO_NAMES)}")
-    space = SearchSpace(zero=tuple(ZERO_NAMES[z] for z in cfg.plan.zero), recompute=tuple(cfg.plan.recompute))
+    space = SearchSpace(
+        cp=tuple(cfg.plan.cp),
+        zero=tuple(ZERO_NAMES[z] for z in cfg.plan.zero),
+        recompute=tuple(cfg.plan.recompute),
+    )
     gpus = cfg.plan.gpus or cfg.cluster.nodes * cfg.cluster.gpus_per_node
     t = cfg.train
     tokens = cfg.plan.tokens or t.steps * t.global_batch_size * cfg.data.seq_len

@@ -114,9 +114,24 @@ def forward_step(run: Run, seed: int, plan: StepCurriculum, batch: dict, model):
             std=plan.mask_noise_std,
             hidden_size=run.cfg.model.hidden_size,
         )
+    if run.topo.cp > 1:  # this rank's part of every sequence, targets with their logits
+        tokens, is_masked = context_part(run, tokens, is_masked, shift=shift)
+        noisy, positions = context_part(run, noisy, positions)
+        extra = {key: run.engine.context_part(value) for key, value in extra.items()}
     selected = positions if run.cfg.objective.logits == "masked" else None
     output = model(noisy, logit_positions=selected, **attention, **extra)
     return output, partial(loss_fn, run, plan, tokens, is_masked, positions, t)
+
+
+def context_part(run: Run, *tensors: torch.Tensor, shift: bool = False) -> list[torch.Tensor]:
+    """Context parallelism: this rank's zig-zag part of each [b, s] tensor (the masks, the
+    noise and the indices are drawn for the whole sequence first, so every layout draws the
+    same). `shift`: these are targets under a logit shift, where position i's logits predict
+    token i + 1: moved one position left first (the last position predicts nothing), so
+    that each rank's targets sit at its logits' positions."""
+    if shift:
+        tensors = [torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1) for t in tensors]
+    return [run.engine.context_part(t) for t in tensors]
 
 
 def noise_levels(run: Run, seed: int, plan: StepCurriculum, index: torch.Tensor, length: int) -> torch.Tensor:
@@ -395,7 +410,10 @@ def likelihood_batch(run: Run, first_index: int, plan: StepCurriculum) -> torch.
         sums = torch.stack([torch.cat([r["nll_sums"] for r in reports]) for reports in per_draw])
         counts = torch.cat([r["counts"] for r in per_draw[0]])
         scored_bytes = sum(r["bytes"] for r in per_draw[0])
-        stats = torch.cat([sample_stats(sums, counts), scored_bytes.reshape(1)])
+        # context parallelism: each rank scored its part of every sample; whole samples
+        # first (the statistics are not additive), then counted once
+        sums, counts, scored_bytes = (run.engine.context_sum(x) for x in (sums, counts, scored_bytes))
+        stats = torch.cat([sample_stats(sums, counts), scored_bytes.reshape(1)]) * (run.topo.cp_rank == 0)
     return run.engine.global_sum(stats).cpu()
 
 
@@ -417,6 +435,12 @@ def likelihood_forward_step(run: Run, draw: int, batch: dict, model):
         maskable=maskable,
     )
     positions = logit_positions(is_masked, shift=run.cfg.model.logit_shift)
+    if run.topo.cp > 1:  # this rank's part of every sequence, targets with their logits
+        maskable = maskable if maskable is not None else torch.ones_like(is_masked)
+        tokens, is_masked, maskable = context_part(
+            run, tokens, is_masked, maskable, shift=run.cfg.model.logit_shift
+        )
+        noisy, positions = context_part(run, noisy, positions)
     output = model(noisy, logit_positions=positions, segments=batch.get("segments"))
     return output, partial(likelihood_loss_fn, run, tokens, is_masked, weight, maskable)
 
@@ -470,7 +494,7 @@ def topology_settings(derived: Derived) -> dict:
     """Topology.build's layout keywords, from the parallel section as the run resolved it."""
     p = derived.parallel
     pipeline = parallel.PipelineLayout.of(p)
-    return dict(tp=p.tp, pp=p.pp, dp=p.dp, sequence_parallel=p.sequence_parallel, pipeline=pipeline)
+    return dict(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, sequence_parallel=p.sequence_parallel, pipeline=pipeline)
 
 
 def check_checkpoints(cfg: Config) -> None:

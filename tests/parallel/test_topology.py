@@ -17,6 +17,7 @@ from parallel.topology import (
     Topology,
     _slurm_first_host,
     check_interleaving,
+    context_parallel_positions,
     padded_vocab_size,
     select_device,
     stage_layer_counts,
@@ -338,3 +339,31 @@ def test_interleaved_schedule_needs_whole_microbatch_groups():
         check_interleaving(pp=4, vpp=2, group_size=None, num_microbatches=2)
     with pytest.raises(ConfigError, match="a group of 1 < pp"):
         check_interleaving(pp=2, vpp=2, group_size=3, num_microbatches=4)
+
+
+# -- context parallelism (parallel.cp) ---------------------------------------------------------
+def test_context_parallel_ranks_follow_megatrons_tp_cp_dp_pp_order():
+    """world 16 = tp 2 x cp 2 x dp 2 x pp 2: tp fastest, then cp, dp, pp."""
+    ranks = [Topology.build(16, tp=2, pp=2, cp=2, rank=r, **DIMS) for r in range(16)]
+    assert ranks[0].dp == 2
+    assert [(t.tp_rank, t.cp_rank, t.dp_rank, t.pp_rank) for t in ranks[:8:3]] == [
+        (0, 0, 0, 0),
+        (1, 1, 0, 0),
+        (0, 1, 1, 0),
+    ]
+    assert [t.pp_rank for t in ranks] == [0] * 8 + [1] * 8
+    with pytest.raises(ConfigError, match=r"parallel\.cp=4"):
+        Topology.build(12, tp=2, cp=4, **DIMS)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_context_parallel_positions_are_zig_zag_halves_covering_the_sequence_once(cp):
+    """Rank r holds chunks r and 2cp-1-r of 2cp: together every position exactly once, and
+    under a causal mask each rank would attend to the same number of keys."""
+    length = 32
+    parts = [context_parallel_positions(length, cp, rank) for rank in range(cp)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(length))
+    chunk = length // (2 * cp)
+    assert parts[0][:chunk].tolist() == list(range(chunk)) and parts[0][-1].item() == length - 1
+    causal_work = {int((positions + 1).sum()) for positions in parts}
+    assert len(causal_work) == 1

@@ -464,3 +464,24 @@ def test_random_lengths_under_sequence_parallelism_with_a_matching_multiple_are_
         ]
     )
     assert derive(cfg, 2, vocab_size=BYTE_VOCAB, mask_id=259).parallel.sequence_parallel
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.attention=document"], "model.attention=document"),
+        (["curriculum.bidirectional_ratio.values=[0.5]"], "curriculum.bidirectional_ratio"),
+        (["curriculum.block_size.values=[8]"], "curriculum.block_size"),
+        (["parallel.engine=deepspeed"], "parallel.engine=deepspeed"),
+        (["data.seq_len=62", "model.max_seq_len=64"], "data.seq_len=62"),
+    ],
+)
+def test_context_parallelism_refuses_what_it_does_not_run_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(["model=tiny", "parallel.cp=2", *overrides])
+
+
+def test_context_parallelism_divides_the_data_parallel_size():
+    cfg = load_config(["model=tiny", "parallel.cp=2", "parallel.tp=2"])
+    derived = derive(cfg, 8, vocab_size=BYTE_VOCAB, mask_id=259)
+    assert derived.dp == 2 and derived.num_microbatches == 8 // (4 * 2)

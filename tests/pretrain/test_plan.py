@@ -480,7 +480,7 @@ def test_hydra_overrides_name_the_project_keys():
     deepspeed = hydra_overrides(Layout(tp=8, dp=64, num_microbatches=16, zero=3))
     assert deepspeed[-2:] == ["parallel.engine=deepspeed", "zero=zero3"]
     assert "parallel.sequence_parallel=false" in deepspeed
-    from pretrain.config import load_config  # the trainer takes them (cp, not built yet, only when > 1)
+    from pretrain.config import load_config  # the trainer takes them
 
     assert load_config(["model=dense_100b", *hydra_overrides(layout)]).parallel.vpp == 5
     assert load_config(["model=dense_100b", *deepspeed]).zero.stage == 3

@@ -496,6 +496,48 @@ def test_logit_shift_masked_only_under_tp2_equals_all_logits_in_one_process(root
     assert shifted[0]["loss"] != pytest.approx(read_metrics(reference)[0]["loss"], rel=1e-4)
 
 
+CONTEXT_PARALLEL = [
+    *(o for o in CONFIG if not o.startswith("curriculum.bidirectional")),  # no mask tensors
+    "curriculum.length_multiple=4",  # random lengths split into 2 x cp chunks (and over tp)
+    "model.logit_shift=true",  # targets one position right of their logits, across chunks
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "eval.batches=1",
+    "eval.samples=2",
+    "eval.sample_prompt=8",
+    "eval.sample_length=8",
+]
+
+
+def test_context_parallel_cp2_and_tp2_cp2_equal_one_process(root, seed_checkpoint):
+    """parallel.cp=2 (zig-zag halves of every sequence, megatron's RoPE per CP rank, keys and
+    values of the whole sequence through the CPU stand-in for TE's CP attention, gradients
+    reduced over dp x cp) and TP=2 x SP x CP=2 give one process's losses, gradient norms,
+    held-out loss and NLL bound (per-sample sums whole before their statistics), with a logit
+    shift (targets cross chunk borders) and random lengths; the live sampler runs on it."""
+    runs = {}
+    for name, nproc, extra in (
+        ("one", 1, []),
+        ("cp2", 2, ["parallel.cp=2"]),
+        ("tp2cp2", 4, ["parallel.tp=2", "parallel.cp=2"]),
+    ):
+        runs[name] = root / f"context_{name}"
+        launch(
+            nproc,
+            [*CONTEXT_PARALLEL, *extra, f"run.dir={runs[name]}", f"checkpoint.init_from={seed_checkpoint}"],
+        )
+    one = read_metrics(runs["one"])
+    steps = [r for r in one if "loss" in r]
+    evals = [r for r in one if "eval_nll" in r]
+    assert len(steps) == STEPS and len(evals) == 2
+    for name in ("cp2", "tp2cp2"):
+        rows = read_metrics(runs[name])
+        _assert_same_steps([r for r in rows if "loss" in r], steps, f"context parallel {name}")
+        for got, want in zip([r for r in rows if "eval_nll" in r], evals, strict=True):
+            for key in ("eval_loss", "eval_nll", "eval_nll_stderr"):
+                assert math.isclose(got[key], want[key], rel_tol=RTOL), (name, key, got[key], want[key])
+
+
 def test_document_attention_under_pp2_tp2_equals_one_process(root, seed_checkpoint):
     """model.attention=document on many short documents (several per 64-token sample):
     the pipeline stages each build the mask from the batch's segments; TP2xPP2 (here
@@ -588,5 +630,23 @@ def test_gpu_nccl_tp2_bf16_run_tracks_the_cpu_reference(root, seed_checkpoint, r
     rows, ref = read_metrics(run_dir), read_metrics(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     # bf16 on CPU tracks fp32 within 3e-4 per step (test_bf16_mixed_precision_tracks_fp32)
+    for got, want in zip(rows, ref, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-2), (got["step"], got["loss"], want["loss"])
+
+
+@pytest.mark.gpu
+def test_gpu_context_parallel_through_transformer_engine_tracks_one_cpu_process(root, seed_checkpoint):
+    """On a machine with >= 2 GPUs and Transformer Engine: parallel.cp=2 runs TE's
+    context-parallel attention (the CPU stand-in is not applied with CUDA), NCCL, bf16, and
+    tracks the fp32 single-process CPU run of the same config within bf16 tolerance."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    base = [*CONTEXT_PARALLEL, f"checkpoint.init_from={seed_checkpoint}"]
+    launch(1, [*base, f"run.dir={root / 'gpu_cp_reference'}"])
+    proc = launch(2, [*base, "parallel.cp=2", "model.spec=te", f"run.dir={root / 'gpu_cp2'}"], gpu=True)
+    assert "nccl" in proc.stdout and "cp=2" in proc.stdout and "layers te" in proc.stdout, proc.stdout[-2000:]
+    rows = [r for r in read_metrics(root / "gpu_cp2") if "loss" in r]
+    ref = [r for r in read_metrics(root / "gpu_cp_reference") if "loss" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
     for got, want in zip(rows, ref, strict=True):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-2), (got["step"], got["loss"], want["loss"])
