@@ -7,6 +7,7 @@ naming the config keys involved.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -185,6 +186,14 @@ class PipelineLayout:
             embedding_as_layer=self.embedding_as_layer,
             loss_as_layer=self.loss_as_layer,
         )
+
+
+def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
+    """What every sequence length must be a multiple of: 2 x cp zig-zag chunks, each rank's
+    part split over tp under sequence parallelism."""
+    chunks = 2 * cp if cp > 1 else 1
+    shard = cp * tp if sequence_parallel else 1
+    return math.lcm(chunks, shard)
 
 
 def check_interleaving(pp: int, vpp: int, group_size: int | None, num_microbatches: int) -> None:

@@ -9,7 +9,6 @@ timestamped output directory.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from parallel.topology import (
     check_interleaving,
     padded_vocab_size,
     resolve_parallel,
+    sequence_multiple,
 )
 from parallel.zero import ZeroConfig
 from parallel.zero import validate as validate_zero
@@ -508,7 +508,7 @@ def check_sequence_lengths(cfg: Config, parallel: ParallelConfig) -> None:
         raise ConfigError(
             f"curriculum.length_multiple={c.length_multiple} exceeds data.seq_len={cfg.data.seq_len}"
         )
-    multiple = sequence_multiple(parallel)
+    multiple = sequence_multiple(parallel.tp, parallel.cp, parallel.sequence_parallel)
     if multiple == 1:
         return
     why = (
@@ -526,14 +526,6 @@ def check_sequence_lengths(cfg: Config, parallel: ParallelConfig) -> None:
                 f"{why} every sequence: {key}={length} must be a multiple of {multiple} "
                 "(or set parallel.sequence_parallel=false)"
             )
-
-
-def sequence_multiple(parallel: ParallelConfig) -> int:
-    """What every sequence length must be a multiple of: 2 x cp zig-zag chunks, each rank's
-    part split over tp under sequence parallelism."""
-    chunks = 2 * parallel.cp if parallel.cp > 1 else 1
-    shard = parallel.cp * parallel.tp if parallel.sequence_parallel else 1
-    return math.lcm(chunks, shard)
 
 
 def check_context_parallel(cfg: Config) -> None:

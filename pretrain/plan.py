@@ -308,49 +308,38 @@ class Execution:
 
 
 def layout_problems(layout: Layout, model: ModelSpec, execution: Execution = Execution()) -> list[str]:
-    """Why a layout cannot run (empty: it can), in the rules of parallel/topology.py
-    (Topology.build, check_interleaving), parallel/zero.py and megatron-core."""
-    lay, problems = layout, []
-    divided_by_tp = {
-        "num_attention_heads": model.heads,
-        "num_query_groups": model.groups,
-        "ffn_hidden_size": model.ffn,
-        "padded vocabulary": model.vocab,
-    }
-    problems += [f"tp={lay.tp} does not divide {k}={v}" for k, v in divided_by_tp.items() if v % lay.tp]
-    if model.layers % (lay.pp * lay.vpp):
-        problems.append(f"pp*vpp={lay.pp * lay.vpp} does not divide num_layers={model.layers}")
-    problems += _interleaving_problems(lay)
-    problems += _sequence_problems(lay, model, execution)
-    problems += _engine_problems(lay)
+    """Why a layout cannot run (empty: it can): the trainer's own checks (`_trainer_problems`),
+    DeepSpeed's limits and the attention kernel's."""
+    lay = layout
     if min(lay.tp, lay.pp, lay.vpp, lay.cp, lay.dp, lay.micro_batch_size, lay.num_microbatches) < 1:
-        problems.append("every size must be >= 1")
-    return problems
-
-
-def _interleaving_problems(lay: Layout) -> list[str]:
-    if lay.vpp == 1:
-        return []
-    if lay.pp == 1:
-        return [f"vpp={lay.vpp} needs pp > 1"]
-    if lay.num_microbatches < lay.pp or lay.num_microbatches % lay.pp:
-        return [
-            f"vpp={lay.vpp}: microbatches per step ({lay.num_microbatches}) must be a multiple of pp={lay.pp}"
-        ]
-    return []
-
-
-def _sequence_problems(lay: Layout, model: ModelSpec, execution: Execution) -> list[str]:
-    problems = []
-    if lay.sequence_parallel and (lay.tp == 1 or model.seq_len % lay.tp):
-        problems.append(f"sequence parallelism needs tp > 1 dividing seq_len={model.seq_len}")
-    if lay.cp > 1 and model.seq_len % (2 * lay.cp):
-        problems.append(f"cp={lay.cp}: seq_len={model.seq_len} must be divisible by 2*cp")
+        return ["every size must be >= 1"]
+    problems = _trainer_problems(lay, model) + _engine_problems(lay)
     if lay.cp > 1 and execution.attention != "flash":
         problems.append(f"cp={lay.cp} needs Transformer Engine attention (attention=flash)")
-    if lay.cp > 1 and lay.sequence_parallel and model.seq_len // lay.cp % lay.tp:
-        problems.append(f"cp={lay.cp}: each context shard must split evenly over tp under SP")
     return problems
+
+
+def _trainer_problems(lay: Layout, model: ModelSpec) -> list[str]:
+    """What `dlm train` itself would refuse before start: parallel/topology.py's Topology.build
+    (sizes dividing the model, the layer split), check_interleaving and sequence_multiple
+    (imported on first use: that module imports torch)."""
+    from parallel.topology import ConfigError, PipelineLayout, Topology, check_interleaving, sequence_multiple
+
+    dims = dict(
+        num_layers=model.layers,
+        num_attention_heads=model.heads,
+        num_query_groups=model.groups,
+        ffn_hidden_size=model.ffn,
+        padded_vocab=model.vocab,
+    )
+    layout = dict(tp=lay.tp, pp=lay.pp, cp=lay.cp, sequence_parallel=lay.sequence_parallel)
+    try:
+        Topology.build(lay.gpus, **layout, pipeline=PipelineLayout(vpp=lay.vpp), **dims)
+        check_interleaving(lay.pp, lay.vpp, None, lay.num_microbatches)
+    except ConfigError as e:
+        return [str(e)]
+    multiple = sequence_multiple(lay.tp, lay.cp, lay.sequence_parallel)
+    return [f"seq_len={model.seq_len} must be a multiple of {multiple}"] if model.seq_len % multiple else []
 
 
 def _engine_problems(lay: Layout) -> list[str]:
