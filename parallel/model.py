@@ -11,6 +11,7 @@ checkpoint moves between the two.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,7 @@ def build_transformer_config(dims: ModelDims, topo: Topology, *, bf16: bool) -> 
         tensor_model_parallel_size=topo.tp,
         pipeline_model_parallel_size=topo.pp,
         context_parallel_size=topo.cp,
+        tp_comm_overlap=topo.tp_comm_overlap,
         **pipeline_settings(topo),
         sequence_parallel=topo.sequence_parallel,
         params_dtype=dtype,
@@ -109,6 +111,25 @@ def build_transformer_config(dims: ModelDims, topo: Topology, *, bf16: bool) -> 
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
         **recompute,
+    )
+
+
+def start_tp_comm_overlap(
+    topo: Topology, *, seq_len: int, micro_batch_size: int, hidden_size: int, config_path: str | None
+) -> None:
+    """Transformer Engine's userbuffers for parallel.tp_comm_overlap, sized for one
+    microbatch's [seq_len x micro_batch / cp, hidden] activations, before the model is built
+    (as Megatron-LM's _initialize_tp_communicators, megatron/training/initialize.py)."""
+    import yaml
+    from transformer_engine.pytorch import module as te_module  # pragma: no cover - GPU machines
+
+    settings = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    te_module.base.initialize_ub(
+        shape=[seq_len * micro_batch_size // topo.cp, hidden_size],
+        tp_size=topo.tp,
+        use_fp8=False,
+        ub_cfgs=settings,
+        bootstrap_backend="nccl",
     )
 
 

@@ -133,6 +133,12 @@ class ParallelConfig:
     align_param_gather: bool = False
     # parameters per gradient-reduction bucket; None: megatron's max(40M, 1M x dp)
     bucket_size: int | None = None
+    # Transformer Engine userbuffers: the tensor-parallel all-gathers and reduce-scatters
+    # overlapped with the GEMMs (Megatron-LM's --tp-comm-overlap). GPUs with TE, sequence
+    # parallelism and one sequence shape: no random lengths, block diffusion or eval samples
+    tp_comm_overlap: bool = False
+    # a userbuffers YAML (Megatron-LM's --tp-comm-overlap-cfg); None: TE's defaults
+    tp_comm_overlap_config: str | None = None
     # model chunks per pipeline stage, run by megatron's interleaved schedule (pipeline
     # bubble / vpp); the layers of each stage must split evenly into them
     vpp: int = 1
@@ -227,6 +233,11 @@ def resolve_parallel(parallel: ParallelConfig) -> ParallelConfig:
             "all-reduces the sequence-parallel norms); with parallel.engine=deepspeed leave it unset"
         )
     sequence_parallel = parallel.tp > 1 and megatron and parallel.sequence_parallel is not False
+    if parallel.tp_comm_overlap and not sequence_parallel:
+        raise ConfigError(
+            "parallel.tp_comm_overlap=true overlaps sequence-parallel communication: it needs the "
+            f"megatron engine, parallel.tp > 1 (here {parallel.tp}) and parallel.sequence_parallel"
+        )
     if parallel.bucket_size is not None and parallel.bucket_size < 1:
         raise ConfigError(f"parallel.bucket_size={parallel.bucket_size} must be >= 1 (or null)")
     return replace(
@@ -249,6 +260,7 @@ class Topology:
     sequence_parallel: bool = False  # activations sharded along the sequence over tp ranks
     pipeline: PipelineLayout = PipelineLayout()  # layers per stage and model chunk
     cp: int = 1  # context parallelism: ranks each sequence is split over (zig-zag)
+    tp_comm_overlap: bool = False  # TE userbuffers overlap the tensor-parallel communication
 
     @classmethod
     def build(
@@ -268,6 +280,7 @@ class Topology:
         sequence_parallel: bool = False,
         pipeline: PipelineLayout = PipelineLayout(),
         cp: int = 1,
+        tp_comm_overlap: bool = False,
     ) -> Topology:
         sizes = (
             ("parallel.tp", tp),
@@ -304,9 +317,8 @@ class Topology:
             if value % by:
                 raise ConfigError(f"{by_key}={by} does not divide {what}={value}")
         pipeline.layer_counts(num_layers, pp)  # the layers split over stages and chunks
-        return cls(
-            world_size, tp, pp, derived_dp, rank, local_rank, sequence_parallel and tp > 1, pipeline, cp
-        )
+        sp = sequence_parallel and tp > 1
+        return cls(world_size, tp, pp, derived_dp, rank, local_rank, sp, pipeline, cp, tp_comm_overlap and sp)
 
     @property
     def device(self) -> torch.device:
@@ -427,6 +439,7 @@ def init_distributed(
     sequence_parallel: bool = False,
     pipeline: PipelineLayout = PipelineLayout(),
     cp: int = 1,
+    tp_comm_overlap: bool = False,
     timeout_minutes: int = 30,
 ) -> Topology:
     """Start torch.distributed (NCCL with CUDA, gloo without) and megatron-core's
@@ -445,6 +458,7 @@ def init_distributed(
         sequence_parallel=sequence_parallel,
         pipeline=pipeline,
         cp=cp,
+        tp_comm_overlap=tp_comm_overlap,
         **model_dims,
     )
     from parallel import cpu

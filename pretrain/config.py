@@ -487,6 +487,8 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     validate_zero(cfg.zero, engine=p.engine, pp=p.pp, distributed_optimizer=p.distributed_optimizer)
     check_sequence_lengths(cfg, resolve_parallel(p))
+    if p.tp_comm_overlap:
+        check_tp_comm_overlap(cfg)
     if p.cp < 1:
         raise ConfigError(f"parallel.cp={p.cp} must be >= 1")
     if p.cp > 1:
@@ -526,6 +528,25 @@ def check_sequence_lengths(cfg: Config, parallel: ParallelConfig) -> None:
                 f"{why} every sequence: {key}={length} must be a multiple of {multiple} "
                 "(or set parallel.sequence_parallel=false)"
             )
+
+
+def check_tp_comm_overlap(cfg: Config) -> None:
+    """Transformer Engine's userbuffers are sized once, for data.seq_len x
+    train.micro_batch_size: every batch the model sees must have that shape."""
+    c = cfg.curriculum
+    other_shapes = {
+        "curriculum.random_length_prob > 0": c.uses_random_lengths,
+        "curriculum.block_size / ar_weight (two copies: 2 x data.seq_len)": (
+            c.uses_block_diffusion(cfg.data.seq_len) or c.uses_ar_loss
+        ),
+        "eval.samples > 0 with train.eval_every (the sampler's shapes)": cfg.eval.samples > 0
+        and cfg.train.eval_every > 0,
+    }
+    refused = [key for key, applies in other_shapes.items() if applies]
+    if refused:
+        raise ConfigError(
+            f"parallel.tp_comm_overlap=true needs one batch shape: not with {'; '.join(refused)}"
+        )
 
 
 def check_context_parallel(cfg: Config) -> None:

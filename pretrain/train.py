@@ -487,6 +487,10 @@ def preflight(cfg: Config, world_size: int | None = None) -> tuple[pipeline.Voca
         raise ConfigError(str(e)) from e
     layout = layout_dims(cfg, derived.padded_vocab_size)
     parallel.Topology.build(world_size, **topology_settings(derived), **layout)
+    if derived.parallel.tp_comm_overlap and not (torch.cuda.is_available() and parallel.HAVE_TE):
+        raise ConfigError(
+            "parallel.tp_comm_overlap=true needs GPUs with Transformer Engine (its userbuffers)"
+        )
     return vocab, derived, layout
 
 
@@ -494,7 +498,15 @@ def topology_settings(derived: Derived) -> dict:
     """Topology.build's layout keywords, from the parallel section as the run resolved it."""
     p = derived.parallel
     pipeline = parallel.PipelineLayout.of(p)
-    return dict(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, sequence_parallel=p.sequence_parallel, pipeline=pipeline)
+    return dict(
+        tp=p.tp,
+        pp=p.pp,
+        dp=p.dp,
+        cp=p.cp,
+        sequence_parallel=p.sequence_parallel,
+        tp_comm_overlap=p.tp_comm_overlap,
+        pipeline=pipeline,
+    )
 
 
 def check_checkpoints(cfg: Config) -> None:
@@ -542,6 +554,14 @@ def build_run(cfg: Config) -> tuple[Run, pipeline.Vocabulary]:
         clip_grad=cfg.optim.clip_grad,
         bf16=bf16,
     )  # None with parallel.engine=megatron
+    if topo.tp_comm_overlap:
+        parallel.start_tp_comm_overlap(
+            topo,
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            hidden_size=cfg.model.hidden_size,
+            config_path=cfg.parallel.tp_comm_overlap_config,
+        )
     with parallel.model_context(deepspeed):  # DeepSpeed ZeRO-3: each rank builds only its partitions
         model = parallel.build_model_chunks(model_dims(cfg, derived.padded_vocab_size), topo, bf16=bf16)
     engine = parallel.build_engine(

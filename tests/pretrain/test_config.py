@@ -485,3 +485,32 @@ def test_context_parallelism_divides_the_data_parallel_size():
     cfg = load_config(["model=tiny", "parallel.cp=2", "parallel.tp=2"])
     derived = derive(cfg, 8, vocab_size=BYTE_VOCAB, mask_id=259)
     assert derived.dp == 2 and derived.num_microbatches == 8 // (4 * 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["parallel.tp=1"], "parallel.tp > 1"),
+        (["parallel.sequence_parallel=false"], "parallel.sequence_parallel"),
+        (
+            ["curriculum.random_length_prob.values=[0.1]", "curriculum.length_multiple=2"],
+            "random_length_prob",
+        ),
+        (["eval.samples=2", "train.eval_every=10"], "eval.samples"),
+    ],
+)
+def test_tp_comm_overlap_needs_sequence_parallelism_and_one_batch_shape(overrides, key):
+    base = ["model=tiny", "parallel.tp=2", "parallel.tp_comm_overlap=true"]
+    assert load_config(base).parallel.tp_comm_overlap
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config([*base, *overrides])
+
+
+def test_tp_comm_overlap_without_transformer_engine_fails_before_start(monkeypatch):
+    import parallel
+    from pretrain.train import preflight
+
+    monkeypatch.setattr(parallel, "HAVE_TE", False)  # this machine, or a GPU one without TE
+    cfg = load_config(["model=tiny", "parallel.tp=2", "parallel.tp_comm_overlap=true"])
+    with pytest.raises(ConfigError, match="needs GPUs with Transformer Engine"):
+        preflight(cfg, world_size=2)

@@ -650,3 +650,26 @@ def test_gpu_context_parallel_through_transformer_engine_tracks_one_cpu_process(
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     for got, want in zip(rows, ref, strict=True):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-2), (got["step"], got["loss"], want["loss"])
+
+
+@pytest.mark.gpu
+def test_gpu_tp_comm_overlap_through_transformer_engine_userbuffers_tracks_tp2(root, seed_checkpoint):
+    """On a machine with >= 2 GPUs and Transformer Engine: parallel.tp_comm_overlap=true
+    (userbuffers sized for data.seq_len x micro batch) trains like the same TP=2 run without
+    it, within bf16 tolerance."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    fixed = [o for o in CONFIG if not o.startswith("curriculum.random")]  # one batch shape
+    base = [
+        *fixed,
+        "parallel.tp=2",
+        "model.spec=te",
+        "eval.samples=0",
+        f"checkpoint.init_from={seed_checkpoint}",
+    ]
+    launch(2, [*base, f"run.dir={root / 'gpu_tp2_plain'}"], gpu=True)
+    launch(2, [*base, "parallel.tp_comm_overlap=true", f"run.dir={root / 'gpu_tp2_overlap'}"], gpu=True)
+    rows, ref = read_metrics(root / "gpu_tp2_overlap"), read_metrics(root / "gpu_tp2_plain")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for got, want in zip(rows, ref, strict=True):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-2), (got["step"], got["loss"], want["loss"])
