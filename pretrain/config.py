@@ -653,10 +653,10 @@ def derive(cfg: Config, world_size: int, *, vocab_size: int, mask_id: int | None
         )
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by)
     if world_size % (p.tp * p.cp * p.pp):
-        raise ConfigError(
-            f"parallel.tp={p.tp} x parallel.cp={p.cp} x parallel.pp={p.pp} does not divide the world size "
-            f"{world_size}"
+        sizes = (
+            f"parallel.tp={p.tp}" + (f" x parallel.cp={p.cp}" if p.cp > 1 else "") + f" x parallel.pp={p.pp}"
         )
+        raise ConfigError(f"{sizes} does not divide the world size {world_size}")
     dp = world_size // (p.tp * p.cp * p.pp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
